@@ -1,0 +1,28 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+WORKDIR ?= work
+
+.PHONY: install demo test mlflow-ui clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The whole workflow on the embedded demo; the last line printed is the path of summary.json.
+demo: install
+	$(PY) jobs/train_ldm.py workdir=$(WORKDIR)
+
+test: install
+	$(PY) -m pytest -q
+
+# Browse the runs of the local store the demo writes (<workdir>/mlflow.db).
+mlflow-ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORKDIR))/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(WORKDIR) out

@@ -1,0 +1,288 @@
+"""Typed configuration: one dataclass per stage, loaded from YAML with dotted `key=value` overrides.
+
+Every job parses its config here before any work starts, so an unknown key or a wrongly typed value
+fails fast with a `ConfigError` naming the key. Each stage's section is part of that stage's cache
+key (`section_yaml`) and is logged to MLflow verbatim.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.diffusion import ScheduleConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
+
+DEMO_PROMPTS = [
+    "a red circle on the left",
+    "a blue square on the right",
+    "a green triangle at the top",
+    "a yellow circle at the bottom",
+    "a blue triangle on the left",
+    "a red square at the top",
+    "a yellow triangle on the right",
+    "a green circle at the bottom",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    """WebDataset shards: a directory, glob, brace pattern or URL. Empty: generate the embedded demo."""
+    image_size: int = 32
+    """Square training resolution: resize the shorter side, then center-crop."""
+    heldout_fraction: float = 0.05
+    """Fraction of samples (chosen by a hash of the key) held out for the stages' metrics."""
+    demo_num_samples: int = 4000
+    """Demo only: how many captioned images to generate."""
+    demo_shard_size: int = 1000
+    """Demo only: samples per shard."""
+
+    def __post_init__(self):
+        if self.image_size < 8:
+            raise ConfigError(f"data.image_size must be >= 8, got {self.image_size}")
+        if not 0.0 <= self.heldout_fraction < 0.5:
+            raise ConfigError(f"data.heldout_fraction must be in [0, 0.5), got {self.heldout_fraction}")
+
+
+@dataclass
+class MLflowConfig:
+    tracking_uri: str = ""
+    """MLflow tracking URI. Empty: a local SQLite store under the workdir."""
+    experiment_name: str = "ldm-pipeline"
+    registered_model_name: str = "ldm-pipeline"
+    """Name the final pipeline model is registered under."""
+    alias: str = "candidate"
+    """Registry alias set on the newly registered version (`models:/name@alias`)."""
+
+
+@dataclass
+class VQConfig:
+    pretrained: str = ""
+    """A VQ model directory (model.json + safetensors) to load instead of training one."""
+    downsample: int = 4
+    """Spatial downsampling factor of the encoder: 4 or 8."""
+    hidden_channels: int = 32
+    latent_channels: int = 4
+    codebook_size: int = 256
+    commitment_weight: float = 0.25
+    """Weight of the commitment loss (van den Oord et al. 2017 use 0.25)."""
+    max_steps: int = 400
+    batch_size: int = 32
+    lr: float = 2e-3
+    max_train_images: int = 50_000
+    """Training images materialised in the object store for the vq fit (a subset on large data)."""
+    num_workers: int = 1
+    cpus_per_worker: int = 2
+    use_gpu: bool = False
+
+    def __post_init__(self):
+        if self.downsample not in (4, 8):
+            raise ConfigError(f"vq.downsample must be 4 or 8, got {self.downsample}")
+        _positive("vq", max_steps=self.max_steps, batch_size=self.batch_size, num_workers=self.num_workers)
+
+
+@dataclass
+class ClipConfig:
+    model: str = "tiny"
+    """'tiny' (this project's small CLIP, trained here) or any open_clip model name."""
+    pretrained: str = ""
+    """open_clip pretrained tag or a local checkpoint file; set it to skip training."""
+    context_length: int = 16
+    """Text tokens per caption (tiny model only; pretrained models bring their own)."""
+    width: int = 128
+    """Text and vision transformer width of the tiny model."""
+    layers: int = 2
+    max_steps: int = 300
+    batch_size: int = 128
+    lr: float = 1e-3
+    max_train_images: int = 50_000
+    """Training samples materialised in the object store for the clip fit."""
+    num_workers: int = 1
+    cpus_per_worker: int = 2
+    use_gpu: bool = False
+
+    def __post_init__(self):
+        _positive("clip", max_steps=self.max_steps, batch_size=self.batch_size, num_workers=self.num_workers)
+
+
+@dataclass
+class EncodeConfig:
+    batch_size: int = 256
+    """Images per encoder call in the actor pool."""
+    concurrency: int = 1
+    """Number of encoder actors."""
+    num_gpus_per_actor: float = 0.0
+    decode_concurrency: int = 1
+
+    def __post_init__(self):
+        _positive("encode", batch_size=self.batch_size, concurrency=self.concurrency)
+
+
+@dataclass
+class LDMConfig:
+    preset: str = "tiny"
+    """UNet preset name (pipeline.models.unet.UNET_PRESETS)."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    max_steps: int = 1500
+    batch_size: int = 64
+    """Micro batch per worker; global batch = batch_size x num_workers x grad_accum."""
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    p_uncond: float = 0.1
+    """Conditioning dropout probability for classifier-free guidance (Ho & Salimans use 0.1-0.2)."""
+    ema_decay: float = 0.995
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    max_failures: int = 0
+    """Worker failures Ray Train recovers from by restarting from the latest checkpoint."""
+    stream_latents: bool = False
+    """Stream the latent dataset to the workers. False: materialise it in the object store first
+    (needed when the trainers hold every CPU of the machine, as on the demo)."""
+    zero_stage: int = 0
+    precision: str = "fp32"
+    """fp32, bf16 or fp16."""
+    storage_path: str = ""
+    """Ray Train storage for checkpoints (s3:// on a cluster). Empty: <workdir>/ray_results."""
+    log_every: int = 25
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"ldm.zero_stage must be 0-3, got {self.zero_stage}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"ldm.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if not 0.0 <= self.p_uncond <= 1.0:
+            raise ConfigError(f"ldm.p_uncond must be in [0, 1], got {self.p_uncond}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ldm.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _positive(
+            "ldm",
+            max_steps=self.max_steps,
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            checkpoint_every=self.checkpoint_every,
+            num_workers=self.num_workers,
+            keep_checkpoints=self.keep_checkpoints,
+        )
+
+
+@dataclass
+class SamplesConfig:
+    prompts: list[str] = field(default_factory=lambda: list(DEMO_PROMPTS))
+    guidance_scale: float = 3.0
+    steps: int = 50
+    sampler: str = "ddim"
+    seed: int = 0
+    num_per_prompt: int = 4
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.05
+    """How long the sampler waits to fill a batch; small against a sampling call's seconds."""
+
+
+@dataclass
+class PipelineConfig:
+    workdir: str = "work"
+    """All outputs (shards, stage outputs, MLflow store, samples) go under it."""
+    seed: int = 0
+    ray_address: str = ""
+    """Ray cluster to join. Empty: RAY_ADDRESS if set, else a local Ray instance."""
+    data: DataConfig = field(default_factory=DataConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    vq: VQConfig = field(default_factory=VQConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    ldm: LDMConfig = field(default_factory=LDMConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI, defaulting to a SQLite store under the workdir."""
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        return f"sqlite:///{Path(self.workdir).resolve() / 'mlflow.db'}"
+
+
+def _positive(section: str, **values: int) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"{section}.{name} must be > 0, got {value}")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML config (default: jobs/configs/demo.yaml) and apply dotted `key=value` overrides.
+
+    Raises ConfigError naming the key for an unknown key, a wrongly typed value, a malformed
+    override, or a value that fails a section's validation.
+    """
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    overrides = list(overrides or [])
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    merged = OmegaConf.structured(PipelineConfig)
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.load(path))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {_describe(err)}") from None
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"override: {_describe(err)}") from None
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err)) from None
+    except ValueError as err:  # a section's __post_init__ validation
+        raise ConfigError(str(err)) from None
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    return f"key '{key}': {msg}" if key else msg
+
+
+def to_yaml(cfg) -> str:
+    """Serialise a config dataclass (or one section) to YAML."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_flat_dict(cfg) -> dict[str, str]:
+    """Flatten a config to {'ldm.max_steps': '1500', ...} for MLflow params."""
+    flat: dict[str, str] = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            else:
+                flat[name] = str(value)
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
+    return flat

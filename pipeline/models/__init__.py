@@ -1,0 +1,1 @@
+"""Networks: the VQ-VAE first stage, the CLIP text encoder and the conditioned latent UNet."""

@@ -1,0 +1,136 @@
+"""The VQ-VAE first stage: images <-> latents.
+
+Sits at the two ends of the flow: the encode stage calls `encode` (pre-quantization latents, which
+the LDM diffuses), and sampling calls `decode` (quantize, then decode), as in Rombach et al. 2022.
+The codebook is vector-quantize-pytorch's EMA codebook with k-means init and dead-code replacement.
+A saved model is a directory with `model.json` (the constructor's arguments) and
+`model.safetensors`, so it can be rebuilt without the training config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+from vector_quantize_pytorch import VectorQuantize
+
+
+@dataclass
+class VQModelConfig:
+    in_channels: int = 3
+    hidden_channels: int = 64
+    latent_channels: int = 4
+    downsample: int = 4
+    codebook_size: int = 256
+    commitment_weight: float = 0.25
+    codebook_decay: float = 0.95
+    """EMA decay of the codebook; lower than the usual 0.99 since our runs are short."""
+    dead_code_threshold: float = 2.0
+    """Codes used fewer times than this (EMA count) are replaced by batch vectors."""
+
+    def __post_init__(self):
+        if self.downsample not in (4, 8):
+            raise ValueError(f"downsample must be 4 or 8, got {self.downsample}")
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels // 4) or 1, channels)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            _norm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+            _norm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class VQModel(nn.Module):
+    def __init__(self, cfg: VQModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_channels
+        levels = int(math.log2(cfg.downsample))
+        # Residual blocks only below full resolution: at full resolution they would cost most of
+        # the compute for little gain on small images (the stride-2 convs see every pixel).
+        enc = [nn.Conv2d(cfg.in_channels, h, 3, padding=1)]
+        for _ in range(levels):
+            enc += [nn.Conv2d(h, h, 4, stride=2, padding=1), ResBlock(h)]
+        enc += [_norm(h), nn.SiLU(), nn.Conv2d(h, cfg.latent_channels, 3, padding=1)]
+        self.encoder = nn.Sequential(*enc)
+        dec = [nn.Conv2d(cfg.latent_channels, h, 3, padding=1)]
+        for _ in range(levels):
+            dec += [ResBlock(h), nn.ConvTranspose2d(h, h, 4, stride=2, padding=1)]
+        dec += [_norm(h), nn.SiLU(), nn.Conv2d(h, cfg.in_channels, 3, padding=1)]
+        self.decoder = nn.Sequential(*dec)
+        self.quantizer = VectorQuantize(
+            dim=cfg.latent_channels,
+            codebook_size=cfg.codebook_size,
+            decay=cfg.codebook_decay,
+            commitment_weight=cfg.commitment_weight,
+            kmeans_init=True,
+            kmeans_iters=10,
+            threshold_ema_dead_code=cfg.dead_code_threshold,
+            accept_image_fmap=True,
+        )
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], (B, 3, H, W) -> pre-quantization latents (B, C, H/f, W/f)."""
+        return self.encoder(images)
+
+    def quantize(self, latents: torch.Tensor):
+        """Latents -> (quantized latents, code indices (B, h, w), commitment loss)."""
+        quantized, indices, commit_loss = self.quantizer(latents)
+        return quantized, indices, commit_loss.sum()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pre-quantization latents -> images in about [-1, 1]: quantize, then decode."""
+        quantized, _, _ = self.quantize(latents)
+        return self.decoder(quantized)
+
+    def forward(self, images: torch.Tensor):
+        """Training forward: (reconstruction, code indices, commitment loss)."""
+        quantized, indices, commit_loss = self.quantize(self.encode(images))
+        return self.decoder(quantized), indices, commit_loss
+
+    def loss(self, images: torch.Tensor):
+        """Reconstruction (MSE) + commitment loss; returns (loss, reconstruction, indices)."""
+        recon, indices, commit_loss = self(images)
+        return F.mse_loss(recon, images) + commit_loss, recon, indices
+
+    def save(self, directory: str | Path, **extra) -> None:
+        """Write model.json (constructor args + `extra`, e.g. latent_scale) and model.safetensors."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "model.json").write_text(json.dumps({"config": asdict(self.cfg), **extra}, indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> tuple["VQModel", dict]:
+        """Rebuild a saved model; returns (model in eval mode, the extra fields of model.json)."""
+        directory = Path(directory)
+        meta_path = directory / "model.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"not a VQ model directory (no model.json): {directory}")
+        meta = json.loads(meta_path.read_text())
+        model = cls(VQModelConfig(**meta.pop("config")))
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        # The state dict carries the codebook's `initted` flag, so k-means does not run again.
+        return model.eval(), meta
+
+
+def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:
+    """PSNR in dB for images in [-1, 1] (peak-to-peak range 2)."""
+    mse = F.mse_loss(reconstruction.clamp(-1, 1), reference).item()
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)

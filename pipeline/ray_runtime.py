@@ -1,0 +1,110 @@
+"""Joining Ray, running a Ray Train fit, and the training progress line, shared by the trainers.
+
+Every job starts here: on a cluster (`ray job submit`, RAY_ADDRESS, or `ray_address` in config) it
+joins it; otherwise it starts a local Ray instance with this machine's CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import ray
+import ray.train
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+
+def init_ray(address: str = "") -> None:
+    """Connect to the configured cluster, or start a local Ray instance."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    # Workers import `pipeline` from the installed package; keep their thread pools modest so
+    # several workers and Ray Data tasks share a small machine without oversubscription.
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, runtime_env=env, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+
+
+def fit(
+    train_loop: Callable[[dict], None],
+    loop_config: dict,
+    *,
+    name: str,
+    storage_path: str | Path,
+    num_workers: int,
+    use_gpu: bool,
+    datasets: dict | None = None,
+    max_failures: int = 0,
+    cpus_per_worker: float = 1.0,
+    num_to_keep: int | None = None,
+) -> ray.train.Result:
+    """Run `train_loop` on `num_workers` Ray Train workers (gloo on CPU, NCCL on GPU)."""
+    storage_path = str(storage_path)
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).resolve())
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
+        ),
+        datasets=datasets,
+    )
+    # Ray Data's bars are for the driver's reads; the per-worker ingest bars would only flood logs.
+    ctx = ray.data.DataContext.get_current()
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        return trainer.fit()
+    finally:
+        ctx.enable_progress_bars = bars
+
+
+def copy_checkpoint(result: ray.train.Result, dest: str | Path) -> None:
+    """Copy the files of the run's latest checkpoint into `dest`."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {result.path} reported no checkpoint")
+    with result.checkpoint.as_directory() as src:
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+
+
+class ProgressLine:
+    """Prints `name step N/T | loss | img/s | ETA` every `every` steps (rank 0 only)."""
+
+    def __init__(self, name: str, total_steps: int, every: int = 25, start_step: int = 0):
+        self.name, self.total, self.every = name, total_steps, every
+        self.start_time = time.perf_counter()
+        self.start_step = start_step
+        self.last_time, self.last_step, self.images = self.start_time, start_step, 0
+
+    def update(self, step: int, batch_images: int, **values: float) -> dict[str, float]:
+        """Record one step; returns {'img_per_s': ...} when a line was printed, else {}."""
+        self.images += batch_images
+        if step % self.every and step != self.total:
+            return {}
+        now = time.perf_counter()
+        rate = self.images / max(now - self.last_time, 1e-9)
+        done = step - self.start_step
+        eta = (now - self.start_time) / max(done, 1) * (self.total - step)
+        fields = " | ".join(f"{k} {v:.4g}" for k, v in values.items())
+        print(f"[{self.name}] step {step}/{self.total} | {fields} | {rate:.1f} img/s | ETA {eta:.0f}s",
+              flush=True)
+        self.last_time, self.last_step, self.images = now, step, 0
+        return {"img_per_s": rate}

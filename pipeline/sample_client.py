@@ -1,0 +1,127 @@
+"""Guided sampling as a batch job: find or start the Serve app, send requests, write the images.
+
+Used by `jobs/sample.py` and by the workflow's samples stage. Requests go over HTTP to the Serve
+app's `POST /generate`, concurrently, so the sampler deployment batches them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SERVE_APP_NAME = "ldm"
+HTTP_TIMEOUT_S = 600
+
+
+@dataclass
+class ImageRecord:
+    """One line of manifest.jsonl."""
+
+    file: str
+    prompt: str
+    seed: int
+    guidance_scale: float
+    steps: int
+    sampler: str
+
+
+def health(base_url: str) -> dict | None:
+    """The app's /health answer, or None when nothing answers there."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/health", timeout=5) as resp:
+            return json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def ensure_app(model_uri: str, tracking_uri: str | None, host: str, port: int, max_batch_size: int = 16,
+               batch_wait_timeout_s: float = 0.05, ray_address: str = "") -> bool:
+    """Use a running app serving `model_uri`, or deploy one (locally if no cluster). True if deployed."""
+    base_url = f"http://{host}:{port}"
+    running = health(base_url)
+    if running and running.get("model") == model_uri:
+        return False
+    from ray import serve
+
+    from pipeline.ray_runtime import init_ray
+    from pipeline.serve import app
+
+    init_ray(ray_address)
+    serve.start(http_options={"host": host, "port": port})
+    application = app({"model_uri": model_uri, "tracking_uri": tracking_uri or "",
+                       "max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
+    serve.run(application, name=SERVE_APP_NAME, route_prefix="/", blocking=False)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        answer = health(base_url)
+        if answer and answer.get("model") == model_uri:
+            return True
+        time.sleep(0.5)
+    raise TimeoutError(f"the Serve app at {base_url} did not become healthy within 300 s")
+
+
+def request_image(base_url: str, body: dict) -> bytes:
+    """POST /generate for one image; raises RuntimeError with the server's message on an error."""
+    req = urllib.request.Request(f"{base_url}/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+            return resp.read()
+    except urllib.error.HTTPError as err:
+        raise RuntimeError(f"/generate answered {err.code}: {err.read().decode(errors='replace')}") from None
+
+
+def generate_to_dir(prompts: list[str], out_dir: str | Path, *, base_url: str, guidance_scale: float, steps: int,
+                    sampler: str, seed: int, num_per_prompt: int, concurrency: int = 16) -> list[ImageRecord]:
+    """Generate num_per_prompt images per prompt; write NNNNN.png, grid.png and manifest.jsonl.
+
+    Image j of a prompt uses seed + j, so the same settings give the same images.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = [
+        ImageRecord(f"{i * num_per_prompt + j:05d}.png", prompt, seed + j, guidance_scale, steps, sampler)
+        for i, prompt in enumerate(prompts)
+        for j in range(num_per_prompt)
+    ]
+    done = 0
+    start = time.perf_counter()
+
+    def one(record: ImageRecord) -> None:
+        nonlocal done
+        body = {"prompt": record.prompt, "seed": record.seed, "guidance_scale": record.guidance_scale,
+                "steps": record.steps, "sampler": record.sampler}
+        (out_dir / record.file).write_bytes(request_image(base_url, body))
+        done += 1
+        if done % max(1, len(records) // 10) == 0 or done == len(records):
+            rate = done / (time.perf_counter() - start)
+            print(f"[sample] {done}/{len(records)} images | {rate:.2f} img/s", flush=True)
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(one, records))
+    with open(out_dir / "manifest.jsonl", "w") as f:
+        for record in records:
+            f.write(json.dumps(asdict(record)) + "\n")
+    write_grid([out_dir / r.file for r in records], out_dir / "grid.png", ncol=max(1, num_per_prompt))
+    return records
+
+
+def write_grid(files: list[Path], path: Path, ncol: int) -> None:
+    """Tile images row by row (one row per prompt when ncol = images per prompt)."""
+    from PIL import Image
+
+    images = [Image.open(f).convert("RGB") for f in files]
+    if not images:
+        return
+    w, h = images[0].size
+    pad = 2
+    rows = (len(images) + ncol - 1) // ncol
+    grid = Image.new("RGB", (ncol * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
+    for i, img in enumerate(images):
+        grid.paste(img, (pad + (i % ncol) * (w + pad), pad + (i // ncol) * (h + pad)))
+    grid.save(path)

@@ -1,0 +1,1 @@
+"""The workflow's stages, each cached by a hash of its config and inputs (see cache.py)."""

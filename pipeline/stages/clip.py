@@ -1,0 +1,136 @@
+"""The clip stage: train a small open_clip model contrastively (ClipLoss) with Ray Train, or load one.
+
+Output directory: the text encoder (model.json + model.safetensors, the whole CLIP so the image tower
+stays available for CLIP scores). Metric: `retrieval_top1` on held-out samples: for each of up to
+100 held-out captions, is the top-1 of up to 100 held-out images one with the same caption.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from open_clip.loss import ClipLoss
+from torch.nn import functional as F
+
+from pipeline.config import PipelineConfig
+from pipeline.data.reader import images_to_tensor, read_captioned_images
+from pipeline.models.text import TextEncoder, TinyClipConfig, build_text_encoder, clip_image_preprocess, resize_for_clip
+from pipeline.ray_runtime import ProgressLine, copy_checkpoint, fit
+from pipeline.tracking import MetricLogger
+
+RETRIEVAL_SAMPLES = 100
+
+
+def encoder_spec(cfg: PipelineConfig) -> dict:
+    if cfg.clip.model == "tiny":
+        tiny = TinyClipConfig(
+            image_size=cfg.data.image_size,
+            patch_size=max(1, cfg.data.image_size // 8),
+            context_length=cfg.clip.context_length,
+            width=cfg.clip.width,
+            layers=cfg.clip.layers,
+            embed_dim=cfg.clip.width,
+        )
+        return {"kind": "tiny", "config": asdict(tiny)}
+    return {"kind": "open_clip", "model": cfg.clip.model}
+
+
+def image_features(encoder: TextEncoder, images: torch.Tensor) -> torch.Tensor:
+    size = encoder.clip.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return encoder.clip.encode_image(clip_image_preprocess(resize_for_clip(images, size)), normalize=True)
+
+
+def clip_train_loop(config: dict) -> None:
+    """Ray Train worker loop: symmetric contrastive loss (open_clip ClipLoss) on image-caption pairs."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"] + rank)
+    encoder = build_text_encoder(config["spec"])
+    model = ray.train.torch.prepare_model(encoder.clip)
+    loss_fn = ClipLoss(rank=rank, world_size=world, gather_with_grad=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.1)
+    shard = ray.train.get_dataset_shard("train")
+    logger = MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 and config["run_id"] else None
+    progress = ProgressLine("clip", config["max_steps"])
+    device = ray.train.torch.get_device()
+    step = 0
+    while step < config["max_steps"]:
+        for batch in shard.iter_batches(batch_size=config["batch_size"], drop_last=True, batch_format="numpy",
+                                        local_shuffle_buffer_size=4 * config["batch_size"]):
+            images = images_to_tensor(batch["image"]).to(device)
+            text = encoder.tokenize(list(batch["caption"])).to(device)
+            image_feats, text_feats, logit_scale = model(clip_image_preprocess(
+                resize_for_clip(images, encoder.clip.visual.image_size[0])), text)[:3]
+            loss = loss_fn(image_feats, text_feats, logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():  # CLIP clamps the learned temperature at 100
+                encoder.clip.logit_scale.clamp_(0, 4.6052)
+            step += 1
+            if rank == 0:
+                shown = progress.update(step, len(images), loss=loss.item())
+                if logger:
+                    logger.log({"loss": loss.item(), **shown}, step)
+            if step >= config["max_steps"]:
+                break
+    if logger:
+        logger.flush()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            encoder.save(tmp)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"step": step}, checkpoint=checkpoint)
+
+
+@torch.no_grad()
+def retrieval_top1(encoder: TextEncoder, images: torch.Tensor, captions: list[str]) -> float:
+    """Caption -> image retrieval among the same samples; a hit is any image with that caption."""
+    encoder.eval()
+    img = image_features(encoder, images)
+    txt = F.normalize(encoder.encode(captions).pooled, dim=-1)
+    best = (txt @ img.T).argmax(dim=1)
+    hits = [captions[int(j)] == captions[i] for i, j in enumerate(best)]
+    return sum(hits) / len(hits)
+
+
+def run_clip(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | None) -> dict:
+    """Train (or load) the CLIP text encoder into `out_dir`; returns held-out retrieval metrics."""
+    train_ds = read_captioned_images(shards, cfg.data.image_size, "train", cfg.data.heldout_fraction)
+    spec = encoder_spec(cfg)
+    if cfg.clip.pretrained or spec["kind"] == "open_clip":
+        encoder = build_text_encoder(spec, pretrained=cfg.clip.pretrained or None)
+        encoder.save(out_dir)
+    else:
+        loop_config = {
+            "spec": spec,
+            "seed": cfg.seed,
+            "lr": cfg.clip.lr,
+            "batch_size": cfg.clip.batch_size,
+            "max_steps": cfg.clip.max_steps,
+            "tracking_uri": cfg.tracking_uri,
+            "run_id": run_id,
+            "threads": cfg.clip.cpus_per_worker,
+        }
+        result = fit(
+            clip_train_loop, loop_config, name=f"clip-{out_dir.name}", storage_path=Path(cfg.workdir) / "ray_results",
+            num_workers=cfg.clip.num_workers, use_gpu=cfg.clip.use_gpu,
+            datasets={"train": train_ds.limit(cfg.clip.max_train_images).materialize()},
+            cpus_per_worker=cfg.clip.cpus_per_worker,
+        )
+        copy_checkpoint(result, out_dir)
+    encoder = TextEncoder.load(out_dir)
+    heldout = read_captioned_images(shards, cfg.data.image_size, "heldout", cfg.data.heldout_fraction)
+    rows = heldout.limit(RETRIEVAL_SAMPLES).take_batch(RETRIEVAL_SAMPLES, batch_format="numpy")
+    if len(rows["key"]) == 0:
+        return {}
+    return {"retrieval_top1": retrieval_top1(encoder, images_to_tensor(rows["image"]), list(rows["caption"]))}

@@ -1,0 +1,94 @@
+"""The encode stage: Ray Data runs the frozen encoders once over the shards -> a Parquet latent dataset.
+
+Shards are read and decoded in CPU tasks; the VQ encoder and the CLIP text encoder run in an actor
+pool (`map_batches` with a callable class; GPU actors on a cluster). Output directory:
+`data/*.parquet` (key, caption, latent, tokens, mask, pooled; fp16 tensors), `null_condition.safetensors`
+(the encoding of the empty caption) and `metadata.json` (encoder directories and hashes, image size,
+latent shape, `latent_scale`, counts). The latent scale travels with the latent data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.conditioning import Conditioning
+from pipeline.config import PipelineConfig
+from pipeline.data.reader import images_to_tensor, read_captioned_images
+from pipeline.models.text import TextEncoder
+from pipeline.models.vq import VQModel
+
+
+class FrozenEncoders:
+    """Ray Data actor: a batch of {key, caption, image} -> latents and text conditioning."""
+
+    def __init__(self, vq_dir: str, clip_dir: str, fp16: bool = False):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.vq, _ = VQModel.load(vq_dir)
+        self.text = TextEncoder.load(clip_dir)
+        # fp16 halves memory and time on GPUs; CPU kernels are faster (and exact) in fp32.
+        self.dtype = torch.float16 if fp16 and self.device.type == "cuda" else torch.float32
+        self.vq.to(self.device, self.dtype)
+        self.text.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        images = images_to_tensor(batch["image"]).to(self.device, self.dtype)
+        latents = self.vq.encode(images)
+        cond = self.text.encode(list(batch["caption"]))
+        return {
+            "key": batch["key"],
+            "caption": batch["caption"],
+            "latent": latents.to(torch.float16).cpu().numpy(),
+            "tokens": cond.tokens.to(torch.float16).cpu().numpy(),
+            "mask": cond.mask.cpu().numpy(),
+            "pooled": cond.pooled.to(torch.float16).cpu().numpy(),
+        }
+
+
+def run_encode(cfg: PipelineConfig, shards: list[str], vq_dir: Path, clip_dir: Path, out_dir: Path) -> dict:
+    """Encode every good sample of the shards into `out_dir`; returns counts."""
+    vq_meta = json.loads((vq_dir / "model.json").read_text())
+    ds = read_captioned_images(shards, cfg.data.image_size)
+    encoded = ds.map_batches(
+        FrozenEncoders,
+        fn_constructor_kwargs={"vq_dir": str(vq_dir), "clip_dir": str(clip_dir), "fp16": cfg.encode.num_gpus_per_actor > 0},
+        batch_size=cfg.encode.batch_size,
+        batch_format="numpy",
+        concurrency=cfg.encode.concurrency,
+        num_gpus=cfg.encode.num_gpus_per_actor or None,
+    )
+    encoded.write_parquet(str(out_dir / "data"))
+    latents = ray.data.read_parquet(str(out_dir / "data"))
+    samples = latents.count()
+    if samples == 0:
+        raise ValueError(f"no usable samples in data.shards ({len(shards)} shards)")
+    first = latents.take(1)[0]
+    text = TextEncoder.load(clip_dir)
+    null = text.null()
+    save_file({"tokens": null.tokens.contiguous(), "mask": null.mask.contiguous(), "pooled": null.pooled.contiguous()},
+              str(out_dir / "null_condition.safetensors"))
+    metadata = {
+        "vq_dir": str(vq_dir),
+        "clip_dir": str(clip_dir),
+        "image_size": cfg.data.image_size,
+        "latent_shape": list(np.asarray(first["latent"]).shape),
+        "context_length": int(np.asarray(first["tokens"]).shape[0]),
+        "token_dim": int(np.asarray(first["tokens"]).shape[1]),
+        "pooled_dim": int(np.asarray(first["pooled"]).shape[0]),
+        "latent_scale": vq_meta["latent_scale"],
+        "samples": samples,
+        "shards": len(shards),
+    }
+    (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    return {"samples": samples}
+
+
+def load_null_condition(latents_dir: Path) -> Conditioning:
+    tensors = load_file(str(Path(latents_dir) / "null_condition.safetensors"))
+    return Conditioning(tensors["tokens"], tensors["mask"], tensors["pooled"])

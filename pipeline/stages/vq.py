@@ -1,0 +1,158 @@
+"""The vq stage: train the VQ-VAE first stage with Ray Train on images read by Ray Data.
+
+Output directory: the VQ model (model.json + model.safetensors) with `latent_scale`, the factor
+that scales the pre-quantization latents to unit variance (measured on training data, as in LDM),
+and `recon.png`, a held-out reconstruction grid. Metrics: held-out `psnr` and `codebook_usage`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from pipeline.config import PipelineConfig
+from pipeline.data.reader import images_to_tensor, read_captioned_images
+from pipeline.models.vq import VQModel, VQModelConfig, psnr
+from pipeline.ray_runtime import ProgressLine, copy_checkpoint, fit
+from pipeline.tracking import MetricLogger
+
+# Enough held-out and training images for stable metrics and latent statistics, bounded in memory.
+MAX_EVAL_IMAGES = 1000
+
+
+def model_config(cfg: PipelineConfig) -> VQModelConfig:
+    v = cfg.vq
+    return VQModelConfig(
+        hidden_channels=v.hidden_channels,
+        latent_channels=v.latent_channels,
+        downsample=v.downsample,
+        codebook_size=v.codebook_size,
+        commitment_weight=v.commitment_weight,
+    )
+
+
+def vq_train_loop(config: dict) -> None:
+    """Ray Train worker loop: reconstruction + commitment loss on the 'train' dataset shard."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"] + rank)
+    model = VQModel(VQModelConfig(**config["model"]))
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"])
+    shard = ray.train.get_dataset_shard("train")
+    logger = MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 and config["run_id"] else None
+    progress = ProgressLine("vq", config["max_steps"])
+    step = 0
+    while step < config["max_steps"]:
+        for batch in shard.iter_batches(batch_size=config["batch_size"], drop_last=True, batch_format="numpy",
+                                        local_shuffle_buffer_size=4 * config["batch_size"]):
+            images = images_to_tensor(batch["image"]).to(ray.train.torch.get_device())
+            recon, _, commit_loss = model(images)
+            recon_loss = F.mse_loss(recon, images)
+            loss = recon_loss + commit_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if rank == 0:
+                shown = progress.update(step, len(images), loss=loss.item(), recon=recon_loss.item())
+                if logger:
+                    logger.log({"loss": loss.item(), "recon_loss": recon_loss.item(), **shown}, step)
+            if step >= config["max_steps"]:
+                break
+    if logger:
+        logger.flush()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            core.save(tmp)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"step": step}, checkpoint=checkpoint)
+
+
+def take_images(ds, limit: int) -> torch.Tensor:
+    rows = ds.limit(limit).take_batch(limit, batch_format="numpy")
+    if len(rows["image"]) == 0:
+        raise ValueError("no usable images found in data.shards")
+    return images_to_tensor(rows["image"])
+
+
+@torch.no_grad()
+def evaluate(model: VQModel, images: torch.Tensor, batch: int = 256) -> dict:
+    """Held-out PSNR (dB) and the fraction of codebook entries used."""
+    recons, codes = [], []
+    for chunk in images.split(batch):
+        recon, indices, _ = model(chunk)
+        recons.append(recon)
+        codes.append(indices.flatten())
+    used = torch.unique(torch.cat(codes)).numel()
+    return {"psnr": psnr(images, torch.cat(recons)), "codebook_usage": used / model.cfg.codebook_size}
+
+
+@torch.no_grad()
+def measure_latent_scale(model: VQModel, images: torch.Tensor) -> float:
+    """1 / std of the pre-quantization latents, so the LDM diffuses unit-variance latents."""
+    latents = torch.cat([model.encode(chunk) for chunk in images.split(256)])
+    return float(1.0 / latents.std().clamp_min(1e-6))
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    """Images in [-1, 1] (B, 3, H, W) -> a PNG grid."""
+    from torchvision.utils import save_image
+
+    save_image((images.clamp(-1, 1) + 1) / 2, str(path), nrow=nrow, padding=1)
+
+
+def run_vq(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | None) -> dict:
+    """Train (or load) the VQ model into `out_dir`; returns the held-out metrics."""
+    train_ds = read_captioned_images(shards, cfg.data.image_size, "train", cfg.data.heldout_fraction)
+    heldout = take_images(
+        read_captioned_images(shards, cfg.data.image_size, "heldout", cfg.data.heldout_fraction), MAX_EVAL_IMAGES
+    )
+    if cfg.vq.pretrained:
+        model, _ = VQModel.load(cfg.vq.pretrained)
+    else:
+        loop_config = {
+            "model": asdict(model_config(cfg)),
+            "seed": cfg.seed,
+            "lr": cfg.vq.lr,
+            "batch_size": cfg.vq.batch_size,
+            "max_steps": cfg.vq.max_steps,
+            "tracking_uri": cfg.tracking_uri,
+            "run_id": run_id,
+            "threads": cfg.vq.cpus_per_worker,
+        }
+        # Materialised first, so the trainers can hold every CPU without starving Ray Data's reads.
+        result = fit(
+            vq_train_loop, loop_config, name=f"vq-{out_dir.name}", storage_path=Path(cfg.workdir) / "ray_results",
+            num_workers=cfg.vq.num_workers, use_gpu=cfg.vq.use_gpu,
+            datasets={"train": train_ds.limit(cfg.vq.max_train_images).materialize()},
+            cpus_per_worker=cfg.vq.cpus_per_worker,
+        )
+        copy_checkpoint(result, out_dir)
+        model, _ = VQModel.load(out_dir)
+    latent_scale = measure_latent_scale(model, take_images(train_ds, MAX_EVAL_IMAGES))
+    model.save(out_dir, latent_scale=latent_scale)
+    metrics = evaluate(model, heldout)
+    metrics["latent_scale"] = latent_scale
+    n = min(16, len(heldout))
+    with torch.no_grad():
+        recon = model(heldout[:n])[0]
+    save_grid(torch.cat([heldout[:n], recon]), out_dir / "recon.png", nrow=n)
+    return metrics
+
+
+def latent_shape(vq_dir: Path, image_size: int) -> tuple[int, int, int]:
+    model, _ = VQModel.load(vq_dir)
+    side = image_size // model.cfg.downsample
+    return (model.cfg.latent_channels, side, side)
+

@@ -1,0 +1,219 @@
+"""The whole workflow: shards (demo) -> vq -> clip -> encode -> ldm -> samples, each stage cached.
+
+One MLflow parent run for the workflow, a child run per stage (params = the stage's config
+section, metrics = what it reports). The ldm stage also assembles the pipeline model, logs it as
+one MLflow model and registers it. At the end `<workdir>/summary.json` records the model URI, the
+MLflow run, the samples directory and per stage {status, seconds, metrics}.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+
+from pipeline.config import PipelineConfig, to_flat_dict, to_yaml
+from pipeline.data.shards import resolve_shards, write_demo_shards
+from pipeline.ray_runtime import init_ray
+from pipeline.stages.cache import StageResult, content_key, dir_digest, run_stage
+
+DEMO_SEED_OFFSET = 0  # the demo data uses the workflow seed itself
+
+
+def _shard_listing_key(shards: list[str]) -> str:
+    """The shard listing (and, for local files, sizes and mtimes) as a cache-key part."""
+    parts = []
+    for shard in shards:
+        path = Path(shard)
+        parts.append(f"{shard}:{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.exists() else shard)
+    return content_key(*parts)
+
+
+class Workflow:
+    """Runs the stages in order inside one MLflow parent run."""
+
+    STAGES = ("shards", "vq", "clip", "encode", "ldm", "samples")
+
+    def __init__(self, cfg: PipelineConfig, until: str = "samples"):
+        if until not in self.STAGES:
+            raise ValueError(f"unknown stage {until!r}; stages: {self.STAGES}")
+        self.cfg = cfg
+        self.until = until
+        self.workdir = Path(cfg.workdir).resolve()
+        self.results: dict[str, StageResult] = {}
+        self.extras: dict[str, dict] = {}
+
+    def stage(self, name: str, key: str, work) -> StageResult:
+        """Run (or find cached) one stage inside its own nested MLflow run."""
+        section = getattr(self.cfg, name, None)
+        with mlflow.start_run(run_name=name, nested=True) as child:
+            if section is not None and hasattr(section, "__dataclass_fields__"):
+                mlflow.log_params({f"{name}.{k}": v for k, v in to_flat_dict(section).items()})
+            print(f"== stage {name} (key {key}) ==", flush=True)
+            result = run_stage(self.workdir, name, key, lambda out: work(out, child.info.run_id))
+            mlflow.set_tags({"stage": name, "status": result.status, "cache_key": key})
+            numeric = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+            if numeric:
+                mlflow.log_metrics(numeric)
+            mlflow.log_metric("stage_seconds", result.seconds)
+        print(f"== stage {name}: {result.status} in {result.seconds:.1f}s {result.metrics} ==", flush=True)
+        self.results[name] = result
+        if name == self.until:
+            raise _StopAfter(result)
+        return result
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        from pipeline.tracking import setup_experiment
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        init_ray(cfg.ray_address)
+        setup_experiment(cfg.tracking_uri, cfg.mlflow.experiment_name, self.workdir)
+        with mlflow.start_run(run_name="workflow" if self.until == "samples" else f"workflow-{self.until}") as parent:
+            try:
+                return self._run_stages(parent)
+            except _StopAfter as stop:
+                return {"stage": self.until, "output": str(stop.result.output), "mlflow_run_id": parent.info.run_id,
+                        "stages": {name: result.summary() for name, result in self.results.items()}}
+
+    def _run_stages(self, parent) -> dict:
+        cfg = self.cfg
+        mlflow.log_params(to_flat_dict(cfg))
+        mlflow.log_text(to_yaml(cfg), "config.yaml")
+        shards = self.shards()
+        listing = _shard_listing_key(shards)
+        data_key = content_key(listing, str(cfg.data.image_size), str(cfg.data.heldout_fraction), str(cfg.seed))
+
+        from pipeline.stages.clip import run_clip
+        from pipeline.stages.encode import run_encode
+        from pipeline.stages.vq import run_vq
+
+        vq = self.stage("vq", content_key("vq", to_yaml(cfg.vq), data_key),
+                        lambda out, run_id: run_vq(cfg, shards, out, run_id))
+        clip = self.stage("clip", content_key("clip", to_yaml(cfg.clip), data_key),
+                          lambda out, run_id: run_clip(cfg, shards, out, run_id))
+        encoders = content_key(dir_digest(vq.output), dir_digest(clip.output))
+        encode = self.stage(
+            "encode", content_key("encode", to_yaml(cfg.encode), listing, str(cfg.data.image_size), encoders),
+            lambda out, run_id: run_encode(cfg, shards, vq.output, clip.output, out))
+        ldm_key = content_key("ldm", to_yaml(cfg.ldm), str(cfg.seed), encode.key)
+        ldm = self.stage("ldm", ldm_key, lambda out, run_id: self.train_and_register(
+            encode.output, vq.output, clip.output, out, run_id))
+        registered = json.loads((ldm.output / "registered.json").read_text())
+        samples = self.stage("samples", content_key("samples", to_yaml(cfg.samples), ldm.key),
+                             lambda out, run_id: self.sample(registered["model_uri"], out))
+        mlflow.log_artifact(str(samples.output / "grid.png"), "samples")
+        summary = {
+            "model_uri": registered["model_uri"],
+            "tracking_uri": cfg.tracking_uri,
+            "mlflow_run_id": parent.info.run_id,
+            "mlflow_experiment_id": parent.info.experiment_id,
+            "samples_dir": str(samples.output),
+            "workdir": str(self.workdir),
+            "stages": {name: result.summary() for name, result in self.results.items()},
+        }
+        mlflow.log_dict(summary, "summary.json")
+        path = self.workdir / "summary.json"
+        path.write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def shards(self) -> list[str]:
+        """The user's shards, or the embedded demo's, generated as the (cached) shards stage."""
+        cfg = self.cfg
+        if cfg.data.shards:
+            return resolve_shards(cfg.data.shards)
+        key = content_key("demo-shards", str(cfg.data.demo_num_samples), str(cfg.data.image_size),
+                          str(cfg.data.demo_shard_size), str(cfg.seed))
+
+        def work(out: Path, run_id: str) -> dict:
+            written = write_demo_shards(out, cfg.data.demo_num_samples, cfg.data.image_size, cfg.seed + DEMO_SEED_OFFSET,
+                                        cfg.data.demo_shard_size)
+            return {"samples": cfg.data.demo_num_samples, "shards": len(written)}
+
+        result = self.stage("shards", key, work)
+        return resolve_shards(str(result.output))
+
+    def train_and_register(self, latents_dir: Path, vq_dir: Path, clip_dir: Path, out: Path, run_id: str) -> dict:
+        """Train the UNet, assemble the pipeline model, log it to MLflow and register it."""
+        from pipeline.model_package import MLFLOW_ARTIFACT, write_package
+        from pipeline.stages.ldm import run_ldm
+
+        cfg = self.cfg
+        metrics = run_ldm(cfg, latents_dir, out, run_id, name=f"ldm-{out.name.split('.')[0]}")
+        meta = json.loads((latents_dir / "metadata.json").read_text())
+        package = out / "model"
+        sampling = {"guidance_scale": cfg.samples.guidance_scale, "steps": cfg.samples.steps,
+                    "sampler": cfg.samples.sampler}
+        write_package(package, out, vq_dir, clip_dir, meta, asdict(cfg.ldm.schedule), sampling)
+        code = Path(__file__).with_name("mlflow_model.py")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(code),
+            artifacts={MLFLOW_ARTIFACT: str(package)},
+            registered_model_name=cfg.mlflow.registered_model_name,
+            pip_requirements=["ldm-pipeline"],
+        )
+        version = info.registered_model_version
+        client = mlflow.MlflowClient()
+        client.set_registered_model_alias(cfg.mlflow.registered_model_name, cfg.mlflow.alias, version)
+        model_uri = f"models:/{cfg.mlflow.registered_model_name}/{version}"
+        (out / "registered.json").write_text(json.dumps(
+            {"model_uri": model_uri, "logged_model_uri": info.model_uri, "run_id": run_id, "version": version}))
+        return {**metrics, "model_version": int(version)}
+
+    def sample(self, model_uri: str, out: Path) -> dict:
+        """Serve the registered model with Ray Serve and sample the configured prompts."""
+        from ray import serve
+
+        from pipeline.sample_client import ensure_app, generate_to_dir
+
+        cfg = self.cfg
+        s = cfg.samples
+        started = ensure_app(model_uri, cfg.tracking_uri, cfg.serve.host, cfg.serve.port, cfg.serve.max_batch_size,
+                             cfg.serve.batch_wait_timeout_s, cfg.ray_address)
+        try:
+            start = time.perf_counter()
+            records = generate_to_dir(s.prompts, out, base_url=f"http://{cfg.serve.host}:{cfg.serve.port}",
+                                      guidance_scale=s.guidance_scale, steps=s.steps, sampler=s.sampler, seed=s.seed,
+                                      num_per_prompt=s.num_per_prompt, concurrency=cfg.serve.max_batch_size)
+            seconds = time.perf_counter() - start
+        finally:
+            if started:
+                serve.shutdown()
+        mlflow.log_artifact(str(out / "grid.png"), "samples")
+        metrics = {"images": len(records), "img_per_s": len(records) / seconds}
+        metrics.update(demo_adherence(out, records))
+        return metrics
+
+
+def demo_adherence(out: Path, records) -> dict:
+    """On the demo's prompts: the fraction of images that show what the prompt names."""
+    from PIL import Image
+
+    from pipeline.data.demo import caption_to_spec
+    from pipeline.data.demo_eval import judge
+
+    judged = []
+    for record in records:
+        spec = caption_to_spec(record.prompt)
+        if spec is None:
+            return {}
+        judged.append(judge(Image.open(out / record.file).convert("RGB"), spec))
+    if not judged:
+        return {}
+    return {f"adherence_g{records[0].guidance_scale:g}": sum(j["ok"] for j in judged) / len(judged)}
+
+
+class _StopAfter(Exception):
+    def __init__(self, result: StageResult):
+        super().__init__(result.name)
+        self.result = result
+
+
+def run_workflow(cfg: PipelineConfig) -> Path:
+    """Run the workflow; returns the path of summary.json."""
+    Workflow(cfg).run()
+    return Path(cfg.workdir).resolve() / "summary.json"
