@@ -37,8 +37,9 @@ class Workflow:
 
     STAGES = ("shards", "vq", "clip", "encode", "ldm", "samples")
 
-    def __init__(self, cfg: PipelineConfig, until: str = "samples"):
-        if until not in self.STAGES:
+    def __init__(self, cfg: PipelineConfig, until: str | None = None):
+        """`until`: stop after this stage (the per-stage jobs); None runs the whole workflow."""
+        if until is not None and until not in self.STAGES:
             raise ValueError(f"unknown stage {until!r}; stages: {self.STAGES}")
         self.cfg = cfg
         self.until = until
@@ -72,7 +73,7 @@ class Workflow:
         self.workdir.mkdir(parents=True, exist_ok=True)
         init_ray(cfg.ray_address)
         setup_experiment(cfg.tracking_uri, cfg.mlflow.experiment_name, self.workdir)
-        with mlflow.start_run(run_name="workflow" if self.until == "samples" else f"workflow-{self.until}") as parent:
+        with mlflow.start_run(run_name=f"workflow-until-{self.until}" if self.until else "workflow") as parent:
             try:
                 return self._run_stages(parent)
             except _StopAfter as stop:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import logging
 import tarfile
 from pathlib import Path
 
@@ -23,15 +22,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """A small local Ray instance shared by the tests of this module."""
-    if ray.is_initialized():  # started by another test module: share it, leave it running
-        yield
-        return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+def local_ray(ray_session):
+    """The session's local Ray instance (tests/conftest.py)."""
     yield
-    ray.shutdown()
 
 
 def _tar_members(path: str) -> list[tuple[str, bytes]]:

@@ -1,0 +1,26 @@
+"""Shared fixtures: one local Ray instance for the whole session (2 CPUs, as on the demo machine).
+
+Ray Train's internals find "the" local cluster by address, so two Ray instances on one machine
+confuse them: every test that needs Ray shares this one.
+"""
+
+import logging
+import socket
+
+import pytest
+import ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

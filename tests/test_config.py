@@ -1,0 +1,70 @@
+"""Config loading: shipped YAMLs load, overrides apply, mistakes are named before any work starts."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import CONFIG_DIR, ConfigError, PipelineConfig, load_config, to_flat_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, PipelineConfig)
+
+
+def test_defaults_are_the_demo_and_overrides_apply():
+    cfg = load_config(None, ["ldm.max_steps=7", "data.image_size=64", "ldm.schedule.beta_schedule=cosine",
+                             "samples.prompts=[a,b]"])
+    assert cfg.ldm.max_steps == 7 and cfg.data.image_size == 64
+    assert cfg.ldm.schedule.beta_schedule == "cosine"
+    assert cfg.samples.prompts == ["a", "b"]
+    assert cfg.data.shards == ""  # demo
+    assert cfg.tracking_uri.startswith("sqlite:///") and cfg.tracking_uri.endswith("work/mlflow.db")
+
+
+@pytest.mark.parametrize("override, named", [
+    ("ldm.max_stepz=3", "ldm.max_stepz"),
+    ("nosuch.key=1", "nosuch"),
+    ("ldm.max_steps=many", "ldm.max_steps"),
+    ("vq.use_gpu=perhaps", "vq.use_gpu"),
+    ("ldm.zero_stage=5", "ldm.zero_stage"),
+    ("ldm.precision=fp8", "ldm.precision"),
+    ("vq.downsample=3", "vq.downsample"),
+    ("ldm.schedule.beta_schedule=wavy", "beta_schedule"),
+    ("data.image_size=2", "data.image_size"),
+    ("ldm.max_steps", "key=value"),
+])
+def test_bad_overrides_name_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bad_yaml_file_names_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ldm:\n  batch_sise: 3\n")
+    with pytest.raises(ConfigError, match=r"ldm\.batch_sise"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_flat_dict_has_every_leaf():
+    flat = to_flat_dict(load_config())
+    assert flat["ldm.schedule.num_train_timesteps"] == "1000"
+    assert "mlflow.experiment_name" in flat
+
+
+def test_job_rejects_a_bad_key_before_any_work(tmp_path):
+    workdir = tmp_path / "wd"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train_ldm.py"), f"workdir={workdir}", "ldm.max_stepz=1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "ldm.max_stepz" in proc.stderr
+    assert not workdir.exists()  # nothing started

@@ -1,0 +1,163 @@
+"""The whole workflow on a tiny config through the real components (Ray Data, Ray Train + DeepSpeed,
+MLflow, Ray Serve), run once for the module; then the cached re-run, jobs/sample.py and the app's
+answers to bad requests."""
+
+import json
+import runpy
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.workflow import run_workflow
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["a red circle on the left", "a blue square on the right"]
+
+
+def tiny_config(workdir: Path, port: int):
+    return load_config(None, [
+        f"workdir={workdir}",
+        "data.demo_num_samples=192", "data.demo_shard_size=64",
+        "vq.max_steps=8", "vq.batch_size=16",
+        "clip.max_steps=8", "clip.batch_size=32",
+        "ldm.max_steps=6", "ldm.checkpoint_every=3", "ldm.batch_size=8", "ldm.log_every=2",
+        "samples.steps=3", "samples.num_per_prompt=2", f"samples.prompts=[{','.join(PROMPTS)}]",
+        f"serve.port={port}",
+    ])
+
+
+@pytest.fixture(scope="module")
+def demo_run(ray_session, tmp_path_factory):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tiny_config(tmp_path_factory.mktemp("workflow") / "work", port)
+    summary_path = run_workflow(cfg)
+    return cfg, summary_path, json.loads(summary_path.read_text())
+
+
+def test_summary_names_every_stage_with_status_time_and_metrics(demo_run):
+    cfg, path, summary = demo_run
+    assert path == Path(cfg.workdir).resolve() / "summary.json"
+    assert list(summary["stages"]) == ["shards", "vq", "clip", "encode", "ldm", "samples"]
+    for name, stage in summary["stages"].items():
+        assert stage["status"] == "ran", name
+        assert stage["seconds"] > 0
+        assert isinstance(stage["metrics"], dict)
+    assert summary["stages"]["encode"]["metrics"]["samples"] == 192
+    assert {"psnr", "codebook_usage", "latent_scale"} <= set(summary["stages"]["vq"]["metrics"])
+    assert "retrieval_top1" in summary["stages"]["clip"]["metrics"]
+    assert summary["model_uri"].startswith("models:/ldm-pipeline/")
+    assert summary["tracking_uri"] == cfg.tracking_uri
+
+
+def test_samples_follow_the_manifest(demo_run):
+    _, _, summary = demo_run
+    samples = Path(summary["samples_dir"])
+    records = [json.loads(line) for line in (samples / "manifest.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    assert [r["seed"] for r in records] == [0, 1, 0, 1]
+    for record in records:
+        assert set(record) == {"file", "prompt", "seed", "guidance_scale", "steps", "sampler"}
+        assert record["steps"] == 3
+        image = Image.open(samples / record["file"])
+        assert image.format == "PNG" and image.size == (32, 32)
+    assert Image.open(samples / "grid.png").size[0] > 32
+
+
+def test_mlflow_has_a_parent_run_a_child_per_stage_and_the_registered_model(demo_run):
+    cfg, _, summary = demo_run
+    client = MlflowClient(summary["tracking_uri"])
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.data.params["ldm.max_steps"] == "6"
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_stage = {run.data.tags["stage"]: run for run in children}
+    assert set(by_stage) == {"shards", "vq", "clip", "encode", "ldm", "samples"}
+    ldm = by_stage["ldm"]
+    assert ldm.data.params["ldm.p_uncond"] == "0.1"
+    # rank 0 logged per-step training metrics
+    losses = client.get_metric_history(ldm.info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4, 5, 6]
+    assert "psnr" in by_stage["vq"].data.metrics
+    name, version = summary["model_uri"].split("/")[1:]
+    model_version = client.get_model_version(name, version)
+    assert client.get_model_version_by_alias(name, cfg.mlflow.alias).version == model_version.version
+    artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "samples")]
+    assert "samples/grid.png" in artifacts
+
+
+def test_a_second_run_finds_every_stage_cached(demo_run):
+    cfg, _, first = demo_run
+    second = json.loads(run_workflow(cfg).read_text())
+    assert {s["status"] for s in second["stages"].values()} == {"cached"}
+    assert second["model_uri"] == first["model_uri"]
+    assert second["stages"]["vq"]["metrics"] == first["stages"]["vq"]["metrics"]
+
+
+def test_sample_job_writes_pngs_grid_and_manifest_deterministically(demo_run, tmp_path, free_port, monkeypatch):
+    cfg, _, summary = demo_run
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"serve:\n  port: {free_port}\n")
+    main = runpy.run_path(str(ROOT / "jobs" / "sample.py"))["main"]
+    args = ["--model", summary["model_uri"], "--tracking-uri", summary["tracking_uri"], "--config", str(config),
+            "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--steps", "2", "--num-per-prompt", "2"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png", "manifest.jsonl"]
+    for name in ("00000.png", "00003.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "00000.png").read_bytes() != (tmp_path / "a" / "00001.png").read_bytes()
+    manifest = [json.loads(line) for line in (tmp_path / "a" / "manifest.jsonl").read_text().splitlines()]
+    assert manifest[0] == {"file": "00000.png", "prompt": PROMPTS[0], "seed": 0,
+                           "guidance_scale": 3.0, "steps": 2, "sampler": "ddim"}
+
+
+def _post(url: str, body: bytes):
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read()
+
+
+def test_serve_app_answers_pngs_and_names_bad_fields(demo_run, free_port):
+    from ray import serve
+
+    from pipeline.sample_client import ensure_app
+
+    cfg, _, summary = demo_run
+    assert ensure_app(summary["model_uri"], summary["tracking_uri"], "127.0.0.1", free_port)
+    url = f"http://127.0.0.1:{free_port}/generate"
+    try:
+        status, headers, body = _post(url, json.dumps({"prompt": PROMPTS[0], "steps": 2}).encode())
+        assert status == 200 and headers["Content-Type"] == "image/png" and body[:4] == b"\x89PNG"
+        assert headers["X-Model-Version"] == summary["model_uri"]
+        status, _, body = _post(url, json.dumps({"prompt": PROMPTS[0], "steps": 2, "num_images": 2}).encode())
+        assert status == 200 and len(json.loads(body)["images"]) == 2
+        bad = [
+            (b"not json", "body"),
+            (json.dumps({"steps": 2}).encode(), "prompt"),
+            (json.dumps({"prompt": "x", "steps": 0}).encode(), "steps"),
+            (json.dumps({"prompt": "x", "guidance_scale": 31}).encode(), "guidance_scale"),
+            (json.dumps({"prompt": "x", "num_images": "2"}).encode(), "num_images"),
+            (json.dumps({"prompt": "x", "sampler": "euler"}).encode(), "sampler"),
+            (json.dumps({"prompt": "x", "colour": "red"}).encode(), "colour"),
+        ]
+        for payload, field in bad:
+            status, _, body = _post(url, payload)
+            assert status == 400, field
+            assert json.loads(body)["field"] == field
+        status, _, _ = _post(url, json.dumps({"prompt": PROMPTS[1], "steps": 1}).encode())
+        assert status == 200  # still up
+    finally:
+        serve.shutdown()
