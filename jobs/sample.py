@@ -55,8 +55,7 @@ def main(argv=None) -> int:
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
     host, port = cfg.serve.host, cfg.serve.port
     base_url = f"http://{host}:{port}"
-    started = ensure_app(args.model, tracking_uri, host, port, cfg.serve.max_batch_size,
-                         cfg.serve.batch_wait_timeout_s, cfg.ray_address)
+    started = ensure_app(args.model, tracking_uri, cfg.serve, cfg.ray_address)
     try:
         defaults = (health(base_url) or {}).get("defaults", {})
         records = generate_to_dir(

@@ -199,6 +199,9 @@ class ServeConfig:
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.05
     """How long the sampler waits to fill a batch; small against a sampling call's seconds."""
+    num_cpus: float = 2
+    """CPUs (and torch threads) of the sampler replica; the demo machine has 2."""
+    num_gpus: float = 0
 
 
 @dataclass

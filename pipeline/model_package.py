@@ -105,7 +105,17 @@ class PipelineModel:
         self.latent_scale = float(meta["latent_scale"])
         self.latent_shape = tuple(meta["latent_shape"])
         self.defaults = meta.get("sampling", {})
+        self.device = torch.device("cpu")
         self._prompt_cache: dict[str, Conditioning] = {}
+
+    def to(self, device) -> "PipelineModel":
+        """Move the networks to a device (sampling noise is still drawn on the CPU, per request)."""
+        self.device = torch.device(device)
+        for net in (self.unet, self.vq, self.text):
+            net.to(self.device)
+        self.null = self.null.to(self.device)
+        self._prompt_cache.clear()
+        return self
 
     @classmethod
     def from_uri(cls, model_uri: str, tracking_uri: str | None = None) -> "PipelineModel":
@@ -137,10 +147,11 @@ class PipelineModel:
         scales = torch.tensor([float(r.guidance_scale) for r in requests])
         generators = [torch.Generator().manual_seed(int(r.seed)) for r in requests]
         x = randn_per_sample((len(requests), *self.latent_shape), generators, torch.device("cpu"), torch.float32)
+        x, scales = x.to(self.device), scales.to(self.device)
         model_fn = guided(self.unet, cond, self.null, scales)
         latents = sample(sampler, model_fn, x, self.schedule, num_steps=steps, generator=generators)
         images = self.vq.decode(latents / self.latent_scale)
-        images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
         return [img.permute(1, 2, 0).numpy() for img in images]
 
 

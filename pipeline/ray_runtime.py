@@ -77,6 +77,58 @@ def fit(
         ctx.enable_progress_bars = bars
 
 
+def fit_small_model(train_loop: Callable[[dict], None], model_config: dict, section, *, seed: int, tracking_uri: str,
+                    run_id: str | None, train_ds, out_dir: Path, workdir: str | Path, name: str) -> None:
+    """Fit a first-stage model (vq, clip) whose config section has the usual training fields
+    (lr, batch_size, max_steps, num_workers, cpus_per_worker, use_gpu, max_train_images) and copy its
+    final checkpoint into `out_dir`.
+
+    The training set is materialised first, so the trainers can hold every CPU of a small machine
+    without starving Ray Data's read tasks.
+    """
+    loop_config = {
+        **model_config,
+        "seed": seed,
+        "lr": section.lr,
+        "batch_size": section.batch_size,
+        "max_steps": section.max_steps,
+        "tracking_uri": tracking_uri,
+        "run_id": run_id,
+        "threads": max(1, int(section.cpus_per_worker)),
+    }
+    result = fit(
+        train_loop, loop_config, name=f"{name}-{out_dir.name}", storage_path=Path(workdir) / "ray_results",
+        num_workers=section.num_workers, use_gpu=section.use_gpu,
+        datasets={"train": train_ds.limit(section.max_train_images).materialize()},
+        cpus_per_worker=section.cpus_per_worker,
+    )
+    copy_checkpoint(result, out_dir)
+
+
+def batches_until(shard, batch_size: int, max_steps: int):
+    """Yield (step, numpy batch) from a Ray Train dataset shard, epoch after epoch, until max_steps."""
+    step = 0
+    while step < max_steps:
+        for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy",
+                                        local_shuffle_buffer_size=4 * batch_size):
+            step += 1
+            yield step, batch
+            if step >= max_steps:
+                return
+
+
+def report_final_model(save: Callable[[str], None], step: int) -> None:
+    """Every rank reports once; rank 0 attaches a checkpoint written by `save(directory)`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            save(tmp)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"step": step}, checkpoint=checkpoint)
+
+
 def copy_checkpoint(result: ray.train.Result, dest: str | Path) -> None:
     """Copy the files of the run's latest checkpoint into `dest`."""
     if result.checkpoint is None:

@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.config import ServeConfig
+
 SERVE_APP_NAME = "ldm"
 HTTP_TIMEOUT_S = 600
 
@@ -39,9 +41,9 @@ def health(base_url: str) -> dict | None:
         return None
 
 
-def ensure_app(model_uri: str, tracking_uri: str | None, host: str, port: int, max_batch_size: int = 16,
-               batch_wait_timeout_s: float = 0.05, ray_address: str = "") -> bool:
+def ensure_app(model_uri: str, tracking_uri: str | None, serve_cfg: ServeConfig, ray_address: str = "") -> bool:
     """Use a running app serving `model_uri`, or deploy one (locally if no cluster). True if deployed."""
+    host, port = serve_cfg.host, serve_cfg.port
     base_url = f"http://{host}:{port}"
     running = health(base_url)
     if running and running.get("model") == model_uri:
@@ -54,7 +56,8 @@ def ensure_app(model_uri: str, tracking_uri: str | None, host: str, port: int, m
     init_ray(ray_address)
     serve.start(http_options={"host": host, "port": port})
     application = app({"model_uri": model_uri, "tracking_uri": tracking_uri or "",
-                       "max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
+                       "max_batch_size": serve_cfg.max_batch_size, "batch_wait_timeout_s": serve_cfg.batch_wait_timeout_s,
+                       "num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus})
     serve.run(application, name=SERVE_APP_NAME, route_prefix="/", blocking=False)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

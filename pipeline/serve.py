@@ -97,8 +97,13 @@ class Sampler:
     """Loads the pipeline model by URI and samples batches of requests."""
 
     def __init__(self, model_uri: str, tracking_uri: str | None = None, max_batch_size: int = 16,
-                 batch_wait_timeout_s: float = 0.05):
+                 batch_wait_timeout_s: float = 0.05, threads: int = 1):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
         self.model = PipelineModel.from_uri(model_uri, tracking_uri)
+        if torch.cuda.is_available():
+            self.model.to("cuda")
         self.model_uri = model_uri
         self.generate.set_max_batch_size(max_batch_size)
         self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -125,7 +130,8 @@ class Sampler:
 api = FastAPI(title="ldm-pipeline")
 
 
-@serve.deployment
+# The ingress only parses and validates; it needs no CPU of its own beside the sampler's.
+@serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
     """Validates requests and fans them out to the sampler, one job per image."""
@@ -170,13 +176,22 @@ class Ingress:
 
 
 def app(args: dict):
-    """Application builder: `serve run pipeline.serve:app model_uri=URI [tracking_uri=URI]`."""
+    """Application builder: `serve run pipeline.serve:app model_uri=URI [tracking_uri=URI]`.
+
+    Optional arguments: max_batch_size, batch_wait_timeout_s, num_cpus and num_gpus of the sampler
+    replica (torch uses num_cpus threads), num_replicas.
+    """
     if "model_uri" not in args:
         raise ValueError("pipeline.serve:app needs the argument model_uri")
-    sampler = Sampler.bind(
+    num_cpus = float(args.get("num_cpus", 1))
+    sampler = Sampler.options(
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": float(args.get("num_gpus", 0))},
+        num_replicas=int(args.get("num_replicas", 1)),
+    ).bind(
         args["model_uri"],
         args.get("tracking_uri") or None,
         int(args.get("max_batch_size", 16)),
         float(args.get("batch_wait_timeout_s", 0.05)),
+        max(1, int(num_cpus)),
     )
     return Ingress.bind(sampler)

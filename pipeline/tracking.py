@@ -40,7 +40,7 @@ class MetricLogger:
     with the next flush, and the number of failed flushes is counted.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 50):
+    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 250):
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
         self.flush_every = flush_every

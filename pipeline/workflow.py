@@ -173,8 +173,7 @@ class Workflow:
 
         cfg = self.cfg
         s = cfg.samples
-        started = ensure_app(model_uri, cfg.tracking_uri, cfg.serve.host, cfg.serve.port, cfg.serve.max_batch_size,
-                             cfg.serve.batch_wait_timeout_s, cfg.ray_address)
+        started = ensure_app(model_uri, cfg.tracking_uri, cfg.serve, cfg.ray_address)
         try:
             start = time.perf_counter()
             records = generate_to_dir(s.prompts, out, base_url=f"http://{cfg.serve.host}:{cfg.serve.port}",

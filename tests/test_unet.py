@@ -54,11 +54,11 @@ def test_tiny_preset_keeps_the_latent_shape(height, width):
 
 def test_tiny_preset_is_cpu_sized():
     params = sum(p.numel() for p in build_unet("tiny").parameters())
-    assert 1_000_000 <= params <= 3_000_000
+    assert 500_000 <= params <= 3_000_000
 
 
 def test_latent_sides_must_be_multiples_of_the_downsampling():
-    model = build_unet("tiny")  # 3 levels: sides must be multiples of 4
+    model = build_unet("tiny", channel_mult=[1, 2, 2])  # 3 levels: sides must be multiples of 4
     with pytest.raises(ValueError, match="multiple of 4"):
         model(torch.randn(1, 4, 6, 6), torch.tensor([1]), text(1, context_dim=64))
 

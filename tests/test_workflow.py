@@ -133,10 +133,11 @@ def _post(url: str, body: bytes):
 def test_serve_app_answers_pngs_and_names_bad_fields(demo_run, free_port):
     from ray import serve
 
+    from pipeline.config import ServeConfig
     from pipeline.sample_client import ensure_app
 
     cfg, _, summary = demo_run
-    assert ensure_app(summary["model_uri"], summary["tracking_uri"], "127.0.0.1", free_port)
+    assert ensure_app(summary["model_uri"], summary["tracking_uri"], ServeConfig(port=free_port))
     url = f"http://127.0.0.1:{free_port}/generate"
     try:
         status, headers, body = _post(url, json.dumps({"prompt": PROMPTS[0], "steps": 2}).encode())

@@ -7,7 +7,7 @@ stays available for CLIP scores). Metric: `retrieval_top1` on held-out samples: 
 
 from __future__ import annotations
 
-import tempfile
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from pipeline.config import PipelineConfig
 from pipeline.data.reader import images_to_tensor, read_captioned_images
 from pipeline.models.text import TextEncoder, TinyClipConfig, build_text_encoder, clip_image_preprocess, resize_for_clip
-from pipeline.ray_runtime import ProgressLine, copy_checkpoint, fit
+from pipeline.ray_runtime import ProgressLine, batches_until, fit_small_model, report_final_model
 from pipeline.tracking import MetricLogger
 
 RETRIEVAL_SAMPLES = 100
@@ -28,7 +28,8 @@ def encoder_spec(cfg: PipelineConfig) -> dict:
     if cfg.clip.model == "tiny":
         tiny = TinyClipConfig(
             image_size=cfg.data.image_size,
-            patch_size=max(1, cfg.data.image_size // 8),
+            # A 4x4 grid of patches: enough to tell left/right/top/bottom, 4x cheaper than 8x8.
+            patch_size=max(1, cfg.data.image_size // 4),
             context_length=cfg.clip.context_length,
             width=cfg.clip.width,
             layers=cfg.clip.layers,
@@ -61,35 +62,25 @@ def clip_train_loop(config: dict) -> None:
     logger = MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 and config["run_id"] else None
     progress = ProgressLine("clip", config["max_steps"])
     device = ray.train.torch.get_device()
+    image_size = encoder.clip.visual.image_size[0]
     step = 0
-    while step < config["max_steps"]:
-        for batch in shard.iter_batches(batch_size=config["batch_size"], drop_last=True, batch_format="numpy",
-                                        local_shuffle_buffer_size=4 * config["batch_size"]):
-            images = images_to_tensor(batch["image"]).to(device)
-            text = encoder.tokenize(list(batch["caption"])).to(device)
-            image_feats, text_feats, logit_scale = model(clip_image_preprocess(
-                resize_for_clip(images, encoder.clip.visual.image_size[0])), text)[:3]
-            loss = loss_fn(image_feats, text_feats, logit_scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():  # CLIP clamps the learned temperature at 100
-                encoder.clip.logit_scale.clamp_(0, 4.6052)
-            step += 1
-            if rank == 0:
-                shown = progress.update(step, len(images), loss=loss.item())
-                if logger:
-                    logger.log({"loss": loss.item(), **shown}, step)
-            if step >= config["max_steps"]:
-                break
+    for step, batch in batches_until(shard, config["batch_size"], config["max_steps"]):
+        images = clip_image_preprocess(resize_for_clip(images_to_tensor(batch["image"]).to(device), image_size))
+        text = encoder.tokenize(list(batch["caption"])).to(device)
+        image_feats, text_feats, logit_scale = model(images, text)[:3]
+        loss = loss_fn(image_feats, text_feats, logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():  # CLIP clamps the learned temperature at 100
+            encoder.clip.logit_scale.clamp_(0, math.log(100))
+        if rank == 0:
+            shown = progress.update(step, len(images), loss=loss.item())
+            if logger:
+                logger.log({"loss": loss.item(), **shown}, step)
     if logger:
         logger.flush()
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            encoder.save(tmp)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"step": step}, checkpoint=checkpoint)
+    report_final_model(encoder.save, step)
 
 
 @torch.no_grad()
@@ -111,23 +102,8 @@ def run_clip(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str 
         encoder = build_text_encoder(spec, pretrained=cfg.clip.pretrained or None)
         encoder.save(out_dir)
     else:
-        loop_config = {
-            "spec": spec,
-            "seed": cfg.seed,
-            "lr": cfg.clip.lr,
-            "batch_size": cfg.clip.batch_size,
-            "max_steps": cfg.clip.max_steps,
-            "tracking_uri": cfg.tracking_uri,
-            "run_id": run_id,
-            "threads": cfg.clip.cpus_per_worker,
-        }
-        result = fit(
-            clip_train_loop, loop_config, name=f"clip-{out_dir.name}", storage_path=Path(cfg.workdir) / "ray_results",
-            num_workers=cfg.clip.num_workers, use_gpu=cfg.clip.use_gpu,
-            datasets={"train": train_ds.limit(cfg.clip.max_train_images).materialize()},
-            cpus_per_worker=cfg.clip.cpus_per_worker,
-        )
-        copy_checkpoint(result, out_dir)
+        fit_small_model(clip_train_loop, {"spec": spec}, cfg.clip, seed=cfg.seed, tracking_uri=cfg.tracking_uri,
+                        run_id=run_id, train_ds=train_ds, out_dir=out_dir, workdir=cfg.workdir, name="clip")
     encoder = TextEncoder.load(out_dir)
     heldout = read_captioned_images(shards, cfg.data.image_size, "heldout", cfg.data.heldout_fraction)
     rows = heldout.limit(RETRIEVAL_SAMPLES).take_batch(RETRIEVAL_SAMPLES, batch_format="numpy")

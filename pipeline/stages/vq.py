@@ -7,7 +7,6 @@ and `recon.png`, a held-out reconstruction grid. Metrics: held-out `psnr` and `c
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from torch.nn import functional as F
 from pipeline.config import PipelineConfig
 from pipeline.data.reader import images_to_tensor, read_captioned_images
 from pipeline.models.vq import VQModel, VQModelConfig, psnr
-from pipeline.ray_runtime import ProgressLine, copy_checkpoint, fit
+from pipeline.ray_runtime import ProgressLine, batches_until, fit_small_model, report_final_model
 from pipeline.tracking import MetricLogger
 
 # Enough held-out and training images for stable metrics and latent statistics, bounded in memory.
@@ -52,31 +51,21 @@ def vq_train_loop(config: dict) -> None:
     logger = MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 and config["run_id"] else None
     progress = ProgressLine("vq", config["max_steps"])
     step = 0
-    while step < config["max_steps"]:
-        for batch in shard.iter_batches(batch_size=config["batch_size"], drop_last=True, batch_format="numpy",
-                                        local_shuffle_buffer_size=4 * config["batch_size"]):
-            images = images_to_tensor(batch["image"]).to(ray.train.torch.get_device())
-            recon, _, commit_loss = model(images)
-            recon_loss = F.mse_loss(recon, images)
-            loss = recon_loss + commit_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if rank == 0:
-                shown = progress.update(step, len(images), loss=loss.item(), recon=recon_loss.item())
-                if logger:
-                    logger.log({"loss": loss.item(), "recon_loss": recon_loss.item(), **shown}, step)
-            if step >= config["max_steps"]:
-                break
+    for step, batch in batches_until(shard, config["batch_size"], config["max_steps"]):
+        images = images_to_tensor(batch["image"]).to(ray.train.torch.get_device())
+        recon, _, commit_loss = model(images)
+        recon_loss = F.mse_loss(recon, images)
+        loss = recon_loss + commit_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if rank == 0:
+            shown = progress.update(step, len(images), loss=loss.item(), recon=recon_loss.item())
+            if logger:
+                logger.log({"loss": loss.item(), "recon_loss": recon_loss.item(), **shown}, step)
     if logger:
         logger.flush()
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            core.save(tmp)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"step": step}, checkpoint=checkpoint)
+    report_final_model(core.save, step)
 
 
 def take_images(ds, limit: int) -> torch.Tensor:
@@ -121,24 +110,9 @@ def run_vq(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | 
     if cfg.vq.pretrained:
         model, _ = VQModel.load(cfg.vq.pretrained)
     else:
-        loop_config = {
-            "model": asdict(model_config(cfg)),
-            "seed": cfg.seed,
-            "lr": cfg.vq.lr,
-            "batch_size": cfg.vq.batch_size,
-            "max_steps": cfg.vq.max_steps,
-            "tracking_uri": cfg.tracking_uri,
-            "run_id": run_id,
-            "threads": cfg.vq.cpus_per_worker,
-        }
-        # Materialised first, so the trainers can hold every CPU without starving Ray Data's reads.
-        result = fit(
-            vq_train_loop, loop_config, name=f"vq-{out_dir.name}", storage_path=Path(cfg.workdir) / "ray_results",
-            num_workers=cfg.vq.num_workers, use_gpu=cfg.vq.use_gpu,
-            datasets={"train": train_ds.limit(cfg.vq.max_train_images).materialize()},
-            cpus_per_worker=cfg.vq.cpus_per_worker,
-        )
-        copy_checkpoint(result, out_dir)
+        fit_small_model(vq_train_loop, {"model": asdict(model_config(cfg))}, cfg.vq, seed=cfg.seed,
+                        tracking_uri=cfg.tracking_uri, run_id=run_id, train_ds=train_ds, out_dir=out_dir,
+                        workdir=cfg.workdir, name="vq")
         model, _ = VQModel.load(out_dir)
     latent_scale = measure_latent_scale(model, take_images(train_ds, MAX_EVAL_IMAGES))
     model.save(out_dir, latent_scale=latent_scale)
