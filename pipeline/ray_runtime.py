@@ -86,6 +86,8 @@ def fit_small_model(train_loop: Callable[[dict], None], model_config: dict, sect
     The training set is materialised first, so the trainers can hold every CPU of a small machine
     without starving Ray Data's read tasks.
     """
+    if not isinstance(train_ds, ray.data.MaterializedDataset):
+        train_ds = train_ds.limit(section.max_train_images).materialize()
     loop_config = {
         **model_config,
         "seed": seed,
@@ -99,7 +101,7 @@ def fit_small_model(train_loop: Callable[[dict], None], model_config: dict, sect
     result = fit(
         train_loop, loop_config, name=f"{name}-{out_dir.name}", storage_path=Path(workdir) / "ray_results",
         num_workers=section.num_workers, use_gpu=section.use_gpu,
-        datasets={"train": train_ds.limit(section.max_train_images).materialize()},
+        datasets={"train": train_ds},
         cpus_per_worker=section.cpus_per_worker,
     )
     copy_checkpoint(result, out_dir)

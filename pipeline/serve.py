@@ -92,7 +92,11 @@ class SampleJob:
     sampler: str
 
 
-@serve.deployment
+# Serve admits only a few requests per replica by default; the sampler must see a full batch.
+MAX_ONGOING_REQUESTS = 256
+
+
+@serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS)
 class Sampler:
     """Loads the pipeline model by URI and samples batches of requests."""
 
@@ -131,7 +135,7 @@ api = FastAPI(title="ldm-pipeline")
 
 
 # The ingress only parses and validates; it needs no CPU of its own beside the sampler's.
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING_REQUESTS)
 @serve.ingress(api)
 class Ingress:
     """Validates requests and fans them out to the sampler, one job per image."""

@@ -52,7 +52,11 @@ def deepspeed_config(config: dict, world_size: int) -> dict:
 def setup_model_and_optimizer(config: dict, world_size: int):
     """UNet + AdamW + warmup schedule wrapped in a DeepSpeed engine."""
     import deepspeed
+    import deepspeed.ops
 
+    # DeepSpeed's CPU accelerator would JIT-compile a shared-memory all-reduce op (C++, tens of
+    # seconds on a fresh machine) that only its inference path uses; training all-reduces via gloo.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     torch.manual_seed(config["seed"])  # identical initial weights on every rank
     model = UNet(UNetConfig(**config["unet"]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])

@@ -104,6 +104,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
 def run_vq(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | None) -> dict:
     """Train (or load) the VQ model into `out_dir`; returns the held-out metrics."""
     train_ds = read_captioned_images(shards, cfg.data.image_size, "train", cfg.data.heldout_fraction)
+    train_ds = train_ds.limit(cfg.vq.max_train_images).materialize()
     heldout = take_images(
         read_captioned_images(shards, cfg.data.image_size, "heldout", cfg.data.heldout_fraction), MAX_EVAL_IMAGES
     )
