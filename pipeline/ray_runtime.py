@@ -14,6 +14,7 @@ from typing import Callable
 
 import ray
 import ray.train
+from ray.data.dataset import MaterializedDataset
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -86,7 +87,7 @@ def fit_small_model(train_loop: Callable[[dict], None], model_config: dict, sect
     The training set is materialised first, so the trainers can hold every CPU of a small machine
     without starving Ray Data's read tasks.
     """
-    if not isinstance(train_ds, ray.data.MaterializedDataset):
+    if not isinstance(train_ds, MaterializedDataset):
         train_ds = train_ds.limit(section.max_train_images).materialize()
     loop_config = {
         **model_config,
