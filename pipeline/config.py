@@ -103,7 +103,7 @@ class ClipConfig:
     width: int = 128
     """Text and vision transformer width of the tiny model."""
     layers: int = 2
-    max_steps: int = 150
+    max_steps: int = 100
     batch_size: int = 128
     lr: float = 1e-3
     max_train_images: int = 50_000
@@ -134,7 +134,7 @@ class LDMConfig:
     preset: str = "tiny"
     """UNet preset name (pipeline.models.unet.UNET_PRESETS)."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    max_steps: int = 900
+    max_steps: int = 800
     batch_size: int = 32
     """Micro batch per worker; global batch = batch_size x num_workers x grad_accum."""
     grad_accum: int = 1

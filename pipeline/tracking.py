@@ -6,6 +6,7 @@ The workflow is one parent run with a child run per stage. Training workers log 
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -34,10 +35,11 @@ def setup_experiment(tracking_uri: str, experiment_name: str, workdir: str | Pat
 
 
 class MetricLogger:
-    """Buffered metric logging to one run by id, for code that runs inside Ray workers.
+    """Metric logging to one run by id, for code that runs inside Ray workers.
 
-    A failure to reach the tracking server must not stop training: the batch is kept and retried
-    with the next flush, and the number of failed flushes is counted.
+    Metrics are buffered and sent by a background thread, so a slow tracking store (SQLite takes
+    seconds for a few hundred metrics) never stalls a training step. A failure to reach the server
+    must not stop training either: the batch is kept, retried with the next flush, and counted.
     """
 
     def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 250):
@@ -46,20 +48,51 @@ class MetricLogger:
         self.flush_every = flush_every
         self.pending: list[Metric] = []
         self.failed_flushes = 0
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
+        self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if len(self.pending) >= self.flush_every:
-            self.flush()
+        with self._lock:
+            self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            if len(self.pending) >= self.flush_every:
+                self._wake.set()
 
-    def flush(self) -> None:
-        # MLflow caps a log_batch call at 1000 metrics.
-        while self.pending:
-            chunk = self.pending[:1000]
+    def _send(self) -> bool:
+        """Send what is pending; False if the store could not be reached."""
+        with self._send_lock:  # the background thread and flush() never send the same chunk twice
+            return self._send_locked()
+
+    def _send_locked(self) -> bool:
+        while True:
+            with self._lock:
+                chunk = self.pending[:1000]  # MLflow caps a log_batch call at 1000 metrics
+            if not chunk:
+                return True
             try:
                 self.client.log_batch(self.run_id, metrics=chunk)
             except Exception:  # noqa: BLE001 - any tracking failure: keep the data, go on training
                 self.failed_flushes += 1
-                return
-            del self.pending[:1000]
+                return False
+            with self._lock:
+                del self.pending[:len(chunk)]
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(timeout=30)
+            self._wake.clear()
+            self._send()
+
+    def flush(self) -> None:
+        """Send everything pending now (blocking); used at the end of training."""
+        self._send()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=60)
+        self.flush()

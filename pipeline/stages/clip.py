@@ -79,7 +79,7 @@ def clip_train_loop(config: dict) -> None:
             if logger:
                 logger.log({"loss": loss.item(), **shown}, step)
     if logger:
-        logger.flush()
+        logger.close()
     report_final_model(encoder.save, step)
 
 

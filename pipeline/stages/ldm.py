@@ -184,7 +184,7 @@ def ldm_train_loop(config: dict) -> None:
             wait_start = time.perf_counter()
         epoch += 1
     if logger:
-        logger.flush()
+        logger.close()
 
 
 def build_loop_config(cfg: PipelineConfig, latents_dir: Path, run_id: str | None) -> dict:

@@ -64,7 +64,7 @@ def vq_train_loop(config: dict) -> None:
             if logger:
                 logger.log({"loss": loss.item(), "recon_loss": recon_loss.item(), **shown}, step)
     if logger:
-        logger.flush()
+        logger.close()
     report_final_model(core.save, step)
 
 
