@@ -20,9 +20,6 @@ from pipeline.data.shards import resolve_shards, write_demo_shards
 from pipeline.ray_runtime import init_ray
 from pipeline.stages.cache import StageResult, content_key, dir_digest, run_stage
 
-DEMO_SEED_OFFSET = 0  # the demo data uses the workflow seed itself
-
-
 def _shard_listing_key(shards: list[str]) -> str:
     """The shard listing (and, for local files, sizes and mtimes) as a cache-key part."""
     parts = []
@@ -130,7 +127,7 @@ class Workflow:
                           str(cfg.data.demo_shard_size), str(cfg.seed))
 
         def work(out: Path, run_id: str) -> dict:
-            written = write_demo_shards(out, cfg.data.demo_num_samples, cfg.data.image_size, cfg.seed + DEMO_SEED_OFFSET,
+            written = write_demo_shards(out, cfg.data.demo_num_samples, cfg.data.image_size, cfg.seed,
                                         cfg.data.demo_shard_size)
             return {"samples": cfg.data.demo_num_samples, "shards": len(written)}
 

@@ -124,10 +124,3 @@ def run_vq(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | 
         recon = model(heldout[:n])[0]
     save_grid(torch.cat([heldout[:n], recon]), out_dir / "recon.png", nrow=n)
     return metrics
-
-
-def latent_shape(vq_dir: Path, image_size: int) -> tuple[int, int, int]:
-    model, _ = VQModel.load(vq_dir)
-    side = image_size // model.cfg.downsample
-    return (model.cfg.latent_channels, side, side)
-
