@@ -104,13 +104,14 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
 def run_vq(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | None) -> dict:
     """Train (or load) the VQ model into `out_dir`; returns the held-out metrics."""
     train_ds = read_captioned_images(shards, cfg.data.image_size, "train", cfg.data.heldout_fraction)
-    train_ds = train_ds.limit(cfg.vq.max_train_images).materialize()
     heldout = take_images(
         read_captioned_images(shards, cfg.data.image_size, "heldout", cfg.data.heldout_fraction), MAX_EVAL_IMAGES
     )
     if cfg.vq.pretrained:
         model, _ = VQModel.load(cfg.vq.pretrained)
     else:
+        # Materialised here (not only inside the fit) so the latent scale below reads no shard again.
+        train_ds = train_ds.limit(cfg.vq.max_train_images).materialize()
         fit_small_model(vq_train_loop, {"model": asdict(model_config(cfg))}, cfg.vq, seed=cfg.seed,
                         tracking_uri=cfg.tracking_uri, run_id=run_id, train_ds=train_ds, out_dir=out_dir,
                         workdir=cfg.workdir, name="vq")
