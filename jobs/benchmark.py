@@ -1,0 +1,26 @@
+"""Benchmarks, each side by side with its baseline in one run; prints one JSON line.
+
+    python jobs/benchmark.py unet [--preset tiny|medium]   # our UNet training step vs diffusers'
+    python jobs/benchmark.py sampler                         # 50-step guided DDIM vs diffusers' DDIMScheduler
+    python jobs/benchmark.py encode                          # Ray Data encode stage vs a bare loop
+    python jobs/benchmark.py serve                           # Ray Serve load test, batched vs one at a time
+"""
+import importlib
+import json
+import sys
+
+BENCHMARKS = ("unet", "sampler", "encode", "serve")
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in BENCHMARKS:
+        print(f"usage: benchmark.py {{{'|'.join(BENCHMARKS)}}} [options]", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"pipeline.benchmarks.{argv[0]}")
+    result = module.main(argv[1:])
+    print(json.dumps({"benchmark": argv[0], **result}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
