@@ -65,7 +65,8 @@ def guided(
     tensor, one scale per sample. The combination is applied to the raw outputs: eps and v are both
     affine in the model output at fixed (x, t), so guiding either is the same as guiding in eps space.
     When every scale is exactly 1 the unconditional half is skipped and the result is exactly the
-    conditional model.
+    conditional model. A network with a `bind(cond)` method (`UNet.bind`) is bound to the
+    condition once, so the work that depends on the text alone is not repeated at every step.
     """
     batch = len(cond)
     scale = torch.as_tensor(guidance_scale, dtype=torch.float64)
@@ -77,10 +78,11 @@ def guided(
             raise ValueError(f"x has batch {x.shape[0]} but the condition has batch {batch}")
 
     if bool((scale == 1.0).all()):
+        conditional = _bound(unet_fn, cond)
 
         def conditional_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             check_batch(x)
-            return unet_fn(x, t, cond)
+            return conditional(x, t)
 
         return conditional_fn
 
@@ -88,19 +90,28 @@ def guided(
         null = null.expand(batch)
     elif len(null) != batch:
         raise ValueError(f"null condition must have batch 1 or {batch}, got {len(null)}")
-    both = Conditioning.cat([cond, null.to(cond.tokens.device, cond.tokens.dtype)])
+    both = _bound(unet_fn, Conditioning.cat([cond, null.to(cond.tokens.device, cond.tokens.dtype)]))
+    per_sample_scale = scale.dim() == 1
 
     def guided_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         check_batch(x)
-        out = unet_fn(torch.cat([x, x]), torch.cat([t, t]), both)  # (2B, ...)
+        out = both(torch.cat([x, x]), torch.cat([t, t]))  # (2B, ...)
         out_cond, out_uncond = out.chunk(2)
-        if scale.dim() == 1:
+        if per_sample_scale:
             s = scale.to(out.dtype).to(out.device).view(-1, *([1] * (out.dim() - 1)))  # (B, 1, ..., 1)
         else:
             s = float(scale)
         return out_uncond + s * (out_cond - out_uncond)
 
     return guided_fn
+
+
+def _bound(unet_fn: UNetFn, cond: Conditioning) -> ModelFn:
+    """unet_fn with its condition fixed: `unet_fn.bind(cond)` where the network offers it."""
+    bind = getattr(unet_fn, "bind", None)
+    if bind is not None:
+        return bind(cond)
+    return lambda x, t: unet_fn(x, t, cond)
 
 
 def leading_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:

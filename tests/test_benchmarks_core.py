@@ -1,0 +1,149 @@
+"""The claims the benchmarks rest on: like is compared with like, and the fast paths are exact.
+
+`pipeline.benchmarks.unet` times our UNet against diffusers' `UNet2DConditionModel` built by
+`diffusers_config`: the two must be the same network. `pipeline.benchmarks.sampler` times our guided
+DDIM against diffusers' `DDIMScheduler`: the two must land on the same latents. Our speed-ups
+(`UNet.bind`, the sub-pixel `Upsample`, the text context cut to the longest caption) must not change
+what the model computes. No timing is asserted here.
+"""
+
+import pytest
+import torch
+
+from pipeline.benchmarks import sampler as sampler_bench
+from pipeline.benchmarks import unet as unet_bench
+from pipeline.conditioning import Conditioning
+from pipeline.diffusion import SCHEDULE_PRESETS, NoiseSchedule
+from pipeline.models.unet import SUBPIXEL_MIN_SIDE, UNet, UNetConfig, Upsample, build_unet
+
+F64 = torch.float64
+SMALL = dict(base_channels=16, channel_mult=[1, 2], attention_levels=[1], num_heads=2, norm_groups=4, context_dim=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    """Tiny ops on a shared 2-core box run 10-50x slower with spinning OpenMP threads; restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Perturb every weight: zero-initialised branches would make outputs (and most gradients) 0."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def captions(lengths: list[int], length: int = 6, dim: int = 8, pooled_dim: int = 0, seed: int = 0) -> Conditioning:
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+    batch = len(lengths)
+    return Conditioning(torch.randn(batch, length, dim, generator=gen, dtype=F64), mask,
+                        torch.randn(batch, pooled_dim, generator=gen, dtype=F64))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "medium"])
+def test_diffusers_twin_has_the_same_parameter_count(preset):
+    from diffusers import UNet2DConditionModel
+
+    work = unet_bench.WORKLOADS[preset]
+    with torch.device("meta"):  # shapes only
+        ours = build_unet(preset, context_dim=work.context_dim)
+        theirs = UNet2DConditionModel(**unet_bench.diffusers_config(ours.config, work.latent_size))
+    params_ours, params_theirs = unet_bench.param_count(ours), unet_bench.param_count(theirs)
+    assert abs(params_ours - params_theirs) <= unet_bench.PARAM_TOLERANCE * params_ours
+    unet_bench.check_param_counts(params_ours, params_theirs)
+    with pytest.raises(AssertionError, match="parameter counts"):
+        unet_bench.check_param_counts(params_ours, int(params_ours * 1.06))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"channel_mult": [1, 2, 2], "num_res_blocks": 2, "attention_levels": [0, 2], "transformer_depth": 2}],
+)
+def test_diffusers_twin_with_our_weights_computes_our_function(overrides):
+    """Every weight maps onto diffusers' model (strict load) and the outputs agree: the same network."""
+    from diffusers import UNet2DConditionModel
+
+    ours = randomized(UNet(UNetConfig(**{**SMALL, **overrides}))).double().eval()
+    theirs = UNet2DConditionModel(**unet_bench.diffusers_config(ours.config, 16)).double().eval()
+    theirs.load_state_dict(unet_bench.diffusers_state_dict(ours), strict=True)
+    x = torch.randn(3, 4, 16, 16, dtype=F64)
+    t = torch.tensor([1, 400, 999])
+    cond = captions([2, 6, 4])
+    with torch.no_grad():
+        out = ours(x, t, cond)
+        twin = theirs(x, t, encoder_hidden_states=cond.tokens, encoder_attention_mask=cond.mask, return_dict=False)[0]
+    assert out.abs().max() > 0.1
+    torch.testing.assert_close(twin, out, rtol=0, atol=1e-10)
+
+
+def test_unet_benchmark_runs_and_reports_its_fields():
+    result = unet_bench.main(["--preset", "tiny", "--batch", "2", "--iters", "1", "--warmup", "0"])
+    assert result["params_ours"] == result["params_diffusers"]
+    assert result["threads"] == 1 and result["batch"] == 2
+    for key in ("ratio_vs_diffusers", "step_s_ours", "step_s_diffusers", "cpu_mfu"):
+        assert result[key] > 0, key
+
+
+def test_sampler_benchmark_sides_agree():
+    """Our guided DDIM and diffusers' DDIMScheduler loop, same UNet and noise: the same latents."""
+    unet = sampler_bench.perturbed_unet()
+    schedule = NoiseSchedule(SCHEDULE_PRESETS["ldm"])
+    cond, null = sampler_bench.text_conditions(2)
+    noise = torch.randn(2, *sampler_bench.LATENT_SHAPE, generator=torch.Generator().manual_seed(1))
+    ours = sampler_bench.sample_ours(unet, cond, null, noise, schedule, num_steps=5)
+    theirs = sampler_bench.sample_diffusers(unet, cond, null, noise, sampler_bench.diffusers_ddim_scheduler(schedule), 5)
+    assert (ours - noise).abs().max() > 0.1  # the sampler moved
+    assert (ours - theirs).abs().max() <= 1e-4
+
+
+def test_sampler_benchmark_runs_and_reports_its_fields():
+    result = sampler_bench.main(["--batch", "1", "--steps", "3", "--repeats", "1"])
+    assert result["max_abs_diff"] <= 1e-4
+    assert result["ratio_vs_diffusers"] > 0 and len(result["times_ours"]) == 1
+
+
+@pytest.mark.parametrize("side", [SUBPIXEL_MIN_SIDE, SUBPIXEL_MIN_SIDE + 4])
+def test_subpixel_upsample_is_nearest_doubling_then_conv(side):
+    upsample = randomized(Upsample(6)).double()
+    x = torch.randn(2, 6, side, side + 2, dtype=F64, requires_grad=True)
+    reference = upsample.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    out = upsample(x)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-12)
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad(reference, [x, upsample.conv.weight], grad)
+    got = torch.autograd.grad(out, [x, upsample.conv.weight], grad)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("lengths", [[3, 5], [0, 4], [6, 6], [0, 0]])
+def test_bound_unet_is_the_unet_with_its_condition_fixed(lengths):
+    model = randomized(UNet(UNetConfig(**SMALL, pooled_dim=5))).double().eval()
+    cond = captions(lengths, pooled_dim=5)
+    x = torch.randn(2, 4, 16, 16, dtype=F64)
+    with torch.no_grad():
+        bound = model.bind(cond)
+        for t in (torch.tensor([0, 999]), torch.tensor([500, 500])):
+            torch.testing.assert_close(bound(x, t), model(x, t, cond), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="batch"):
+        bound(torch.randn(3, 4, 16, 16, dtype=F64), torch.tensor([1, 2, 3]))
+
+
+def test_trailing_padding_changes_nothing():
+    """The context is cut after the last real token: extra padding columns must not matter."""
+    model = randomized(UNet(UNetConfig(**SMALL))).double().eval()
+    cond = captions([2, 4])
+    padded = Conditioning(
+        torch.cat([cond.tokens, 50 * torch.randn(2, 10, 8, dtype=F64)], dim=1),
+        torch.cat([cond.mask, torch.zeros(2, 10, dtype=torch.bool)], dim=1),
+        cond.pooled,
+    )
+    x, t = torch.randn(2, 4, 8, 8, dtype=F64), torch.tensor([3, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, padded), model(x, t, cond), rtol=0, atol=1e-12)
