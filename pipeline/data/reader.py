@@ -5,29 +5,81 @@ uint8}. A Ray Data datasource reads each shard in its own task, streaming the ta
 costs one sample, not a block, and rows come in blocks of hundreds rather than one by one (Ray's
 `read_webdataset` makes a block per sample, which is slow for small images). Samples are split into
 train and held-out by a hash of their key, so the split is the same in every stage and every run.
+
+Real shards have bad samples. `parse_shard` skips each one and counts it under one of
+`SKIP_REASONS` (no sleeping, no retrying, no crash):
+
+| reason | what |
+|---|---|
+| `corrupt_image` | a jpg/png/webp that starts like one but does not decode (e.g. cut short) |
+| `zero_byte` | the image member is empty |
+| `not_an_image` | the image member is not a JPEG, PNG or WebP (text, HTML, GIF, ...) |
+| `too_many_pixels` | width x height over `data.max_image_pixels` (decompression bombs) |
+| `missing_image` | a caption without an image member |
+| `caption_not_utf8` | the `.txt` member is not valid UTF-8 |
+| `missing_caption` | an image without a `.txt` member |
+| `truncated_tar` | the shard ends early or is not a tar; once per shard (the samples read before the cut count as usual) |
+| `out_of_order` | a sample whose members are not contiguous; once per sample, its fragments are dropped |
+| `duplicate_key` | a key seen earlier in the same shard; each later occurrence is dropped |
+
+An empty caption (empty or only whitespace) is not an error: it is an unconditional sample, kept
+with caption "" and counted as `unconditional`. Duplicate keys are detected within a shard only
+(shards are read in parallel; the same key in two shards gives two samples).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import re
 import tarfile
 import unicodedata
+import warnings
+import zlib
 from collections import Counter
 from typing import Iterator
 
 import numpy as np
 import ray
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from ray.data.block import BlockAccessor
 from ray.data.datasource import FileBasedDatasource
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# The decoders tried, whatever the extension says (PNG bytes under .jpg are common in scraped data);
+# anything else (GIF, BMP, TIFF, ...) is `not_an_image`, which also keeps PIL's rarer parsers away
+# from untrusted bytes.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 # Rows per output block: large enough to amortise Ray's per-block cost, small enough to stream.
 ROWS_PER_BLOCK = 256
-# Decompression-bomb guard: refuse images with more pixels than this (PIL's own default limit).
+# Decompression-bomb guard (data.max_image_pixels): PIL's own default warning threshold, 89.5 MP.
 MAX_IMAGE_PIXELS = 89_478_485
+
+SKIP_REASONS = (
+    "corrupt_image",
+    "zero_byte",
+    "not_an_image",
+    "too_many_pixels",
+    "missing_image",
+    "caption_not_utf8",
+    "missing_caption",
+    "truncated_tar",
+    "out_of_order",
+    "duplicate_key",
+)
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class TruncatedTar(Exception):
+    """The tar stream ended before its end-of-archive marker, or is not a tar."""
 
 
 def clean_caption(text: str) -> str:
@@ -35,20 +87,69 @@ def clean_caption(text: str) -> str:
     return re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip()
 
 
-def load_image(data: bytes, image_size: int) -> np.ndarray:
-    """Decode image bytes, resize the shorter side to `image_size`, center-crop: (S, S, 3) uint8."""
-    with Image.open(io.BytesIO(data)) as img:
-        if img.width * img.height > MAX_IMAGE_PIXELS:
-            raise ValueError(f"image of {img.width}x{img.height} pixels is over the limit")
-        img = img.convert("RGB")
+def decode_caption(data: bytes) -> str:
+    """Caption bytes -> clean text ("" for an unconditional sample); SampleError if not UTF-8."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SampleError("caption_not_utf8", str(err)) from None
+    return clean_caption(text.replace("\ufeff", " "))  # a byte-order mark is not part of the text
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB; transparent pixels become white (dropping alpha would show arbitrary colours)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(data: bytes, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode JPEG/PNG/WebP bytes, resize the shorter side to `image_size`, center-crop.
+
+    Returns (S, S, 3) uint8; raises SampleError (zero_byte, not_an_image, too_many_pixels,
+    corrupt_image). The pixel limit is checked on the header, before any pixel is decoded.
+    """
+    if not data:
+        raise SampleError("zero_byte")
+    with warnings.catch_warnings():
+        # PIL warns above its own limit and refuses above twice that; `max_pixels` decides here.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        except Image.DecompressionBombError as err:
+            raise SampleError("too_many_pixels", str(err)) from None
+        except UnidentifiedImageError:
+            raise SampleError("not_an_image") from None
+        except Exception as err:  # noqa: BLE001 - a recognised format with a broken header
+            raise SampleError("corrupt_image", f"{type(err).__name__}: {err}") from None
+    with img:
         w, h = img.size
-        scale = image_size / min(w, h)
-        new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-        img = img.crop((left, top, left + image_size, top + image_size))
-        return np.asarray(img, dtype=np.uint8)
+        if w * h > max_pixels:
+            raise SampleError("too_many_pixels", f"{w}x{h} is over {max_pixels} pixels")
+        if min(w, h) < 1:
+            raise SampleError("corrupt_image", f"size {w}x{h}")
+        try:
+            if (w, h) != (image_size, image_size):
+                # JPEG: decode at the smallest DCT scale still >= the target (much faster on photos).
+                scale = image_size / min(w, h)
+                img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+            rgb = _to_rgb(img)
+            w, h = rgb.size
+            if (w, h) != (image_size, image_size):
+                side = min(w, h)
+                left, top = (w - side) / 2, (h - side) / 2
+                # Resize the central square only: shorter side -> image_size, center crop, one pass.
+                rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC,
+                                 box=(left, top, left + side, top + side), reducing_gap=3.0)
+            return np.asarray(rgb, dtype=np.uint8)
+        except SampleError:
+            raise
+        except Exception as err:  # noqa: BLE001 - truncated or corrupt pixel data
+            raise SampleError("corrupt_image", f"{type(err).__name__}: {err}") from None
 
 
 def is_heldout(key: str, fraction: float) -> bool:
@@ -68,60 +169,190 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1:].lower()
 
 
-def iter_tar_samples(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream a tar and yield (key, {extension: bytes}) per group of consecutive members."""
+def iter_tar_groups(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream a tar; yield (key, {extension: bytes}) per run of consecutive members of one key.
+
+    A run ends where the key changes or an extension repeats. Directories and hidden files
+    (`._name` from macOS tar) are ignored. Every group whose members were read completely is
+    yielded; then, if the stream ended early (inside a member, inside a header, or without the
+    end-of-archive block) or is not a tar at all, TruncatedTar is raised.
+    """
+    ended = {"clean": False}
+
+    class _EndAwareTarInfo(tarfile.TarInfo):
+        @classmethod
+        def frombuf(cls, buf, encoding, errors):
+            try:
+                return super().frombuf(buf, encoding, errors)
+            except tarfile.EOFHeaderError:  # a zero block: the end-of-archive marker
+                ended["clean"] = True
+                raise
+
     key, members = None, {}
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            member_key, ext = _split_member_name(info.name)
-            if member_key != key:
-                if key is not None:
-                    yield key, members
-                key, members = member_key, {}
-            members[ext] = tar.extractfile(info).read()
+    error: Exception | None = None
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndAwareTarInfo) as tar:
+            for info in tar:
+                tar.members = []  # stream mode keeps every TarInfo otherwise
+                if not info.isfile():
+                    continue
+                member_key, ext = _split_member_name(info.name)
+                if info.name.rsplit("/", 1)[-1].startswith("."):
+                    continue
+                data = tar.extractfile(info).read()
+                if member_key != key or ext in members:
+                    if key is not None:
+                        yield key, members
+                    key, members = member_key, {}
+                members[ext] = data
+    except (tarfile.TarError, EOFError, zlib.error) as err:  # not OSError: I/O errors fail the task
+        error = err
     if key is not None:
         yield key, members
+    if error is not None or not ended["clean"]:
+        raise TruncatedTar(str(error) if error else "no end-of-archive marker")
 
 
-def decode_sample(members: dict[str, bytes], image_size: int) -> tuple[str, np.ndarray]:
-    """(caption, image) from one sample's members; raises ValueError naming what is wrong."""
-    ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
-    if ext is None:
-        raise ValueError("no image member")
+def _missing_member(members: dict[str, bytes]) -> str | None:
+    if not any(ext in members for ext in IMAGE_EXTENSIONS):
+        return "missing_image"
     if "txt" not in members:
-        raise ValueError("no caption member")
-    caption = clean_caption(members["txt"].decode("utf-8"))
-    return caption, load_image(members[ext], image_size)
+        return "missing_caption"
+    return None
+
+
+def decode_sample(members: dict[str, bytes], image_size: int,
+                  max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[str, np.ndarray]:
+    """(caption, image) from one sample's members; raises SampleError naming the reason."""
+    missing = _missing_member(members)
+    if missing:
+        raise SampleError(missing)
+    ext = next(e for e in IMAGE_EXTENSIONS if e in members)
+    caption = decode_caption(members["txt"])
+    return caption, load_image(members[ext], image_size, max_pixels)
+
+
+def new_counts() -> Counter:
+    """Counts of one or more shards: `samples`, `unconditional` and every reason, all at 0."""
+    return Counter({"samples": 0, "unconditional": 0, **{reason: 0 for reason in SKIP_REASONS}})
+
+
+def parse_shard(fileobj, image_size: int, counts: Counter,
+                max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[tuple[str, str, np.ndarray]]:
+    """Yield (key, caption, image) for every good sample of a tar stream, each key once.
+
+    Adds to `counts`: `samples` (yielded), `unconditional` (yielded with an empty caption) and one
+    count per skipped sample under its reason (SKIP_REASONS), plus `truncated_tar` once if the
+    stream ends early. A sample that is incomplete where its members end (no caption, no image) is
+    only counted when the shard ends: if a later fragment of its key turns up it is `out_of_order`.
+    """
+    seen: dict[str, set[str]] = {}  # key -> extensions seen so far in this shard
+    pending: dict[str, str] = {}  # incomplete samples: key -> reason, unless a fragment turns up
+    fragmented: set[str] = set()  # keys already counted as out_of_order
+    groups = iter_tar_groups(fileobj)
+    while True:
+        try:
+            key, members = next(groups)
+        except StopIteration:
+            break
+        except TruncatedTar:
+            counts["truncated_tar"] += 1
+            break
+        extensions = set(members)
+        if key in seen:
+            if extensions & seen[key]:
+                counts["duplicate_key"] += 1
+            elif key not in fragmented:
+                # The sample's members are not contiguous. Either its first part is still pending
+                # (now counted here instead) or it was already decoded and this is a stray part.
+                pending.pop(key, None)
+                fragmented.add(key)
+                counts["out_of_order"] += 1
+            seen[key] |= extensions
+            continue
+        seen[key] = extensions
+        missing = _missing_member(members)
+        if missing:
+            pending[key] = missing
+            continue
+        try:
+            caption, image = decode_sample(members, image_size, max_pixels)
+        except SampleError as err:
+            counts[err.reason] += 1
+            continue
+        counts["samples"] += 1
+        if not caption:
+            counts["unconditional"] += 1
+        yield key, caption, image
+    for reason in pending.values():
+        counts[reason] += 1
+
+
+def write_shard_counts(counts_dir: str, shard: str, counts: dict) -> None:
+    """Record one shard's counts as `<counts_dir>/<hash of the shard path>.json`, atomically.
+
+    The side channel from the read tasks to the stage: a read task writes its shard's file only
+    once it has read the shard to its end, and a retried task rewrites the same file, so each
+    sample is counted exactly once however the reads are scheduled (the directory must be visible
+    to every node, like the stage's Parquet output).
+    """
+    import json
+    import os
+    import uuid
+
+    name = hashlib.sha1(shard.encode()).hexdigest()[:20]
+    os.makedirs(counts_dir, exist_ok=True)
+    temporary = os.path.join(counts_dir, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(temporary, "w") as handle:
+        json.dump({"shard": shard, "counts": counts}, handle, sort_keys=True)
+    os.replace(temporary, os.path.join(counts_dir, f"{name}.json"))
+
+
+def read_shard_counts(counts_dir: str) -> dict[str, dict]:
+    """{shard: counts} from the files `write_shard_counts` wrote."""
+    import json
+    from pathlib import Path
+
+    records = [json.loads(path.read_text()) for path in sorted(Path(counts_dir).glob("*.json"))]
+    return {record["shard"]: record["counts"] for record in records}
+
+
+def sum_counts(per_shard) -> Counter:
+    total = new_counts()
+    for counts in per_shard:
+        total.update(counts)
+    return total
+
+
+def counts_summary(counts: Counter | dict) -> dict:
+    """{"samples", "unconditional", "skipped": {reason: count for every reason}} from counts."""
+    return {
+        "samples": int(counts.get("samples", 0)),
+        "unconditional": int(counts.get("unconditional", 0)),
+        "skipped": {reason: int(counts.get(reason, 0)) for reason in SKIP_REASONS},
+    }
 
 
 class ShardDatasource(FileBasedDatasource):
-    """WebDataset tar shards -> blocks of {key, caption, image}; bad samples are skipped."""
+    """WebDataset tar shards -> blocks of {key, caption, image}; bad samples are skipped and counted.
+
+    With `counts_dir`, each shard's counts (parse_shard) are written there when the shard has been
+    read to its end (write_shard_counts).
+    """
 
     _FILE_EXTENSIONS = ["tar"]
 
-    def __init__(self, paths: list[str], image_size: int, **kwargs):
+    def __init__(self, paths: list[str], image_size: int, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 counts_dir: str | None = None, **kwargs):
         super().__init__(paths, **kwargs)
         self.image_size = image_size
+        self.max_image_pixels = max_image_pixels
+        self.counts_dir = counts_dir
 
     def _read_stream(self, stream, path: str):
         rows: dict[str, list] = {"key": [], "caption": [], "image": []}
-        skipped: Counter = Counter()
-        samples = iter_tar_samples(stream)
-        while True:
-            try:
-                key, members = next(samples)
-            except StopIteration:
-                break
-            except (tarfile.TarError, OSError, EOFError):
-                skipped["truncated_tar"] += 1
-                break
-            try:
-                caption, image = decode_sample(members, self.image_size)
-            except Exception:  # noqa: BLE001 - any undecodable sample costs that sample only
-                skipped["bad_sample"] += 1
-                continue
+        counts = new_counts()
+        for key, caption, image in parse_shard(stream, self.image_size, counts, self.max_image_pixels):
             rows["key"].append(key)
             rows["caption"].append(caption)
             rows["image"].append(image)
@@ -130,6 +361,8 @@ class ShardDatasource(FileBasedDatasource):
                 rows = {"key": [], "caption": [], "image": []}
         if rows["key"]:
             yield _to_block(rows)
+        if self.counts_dir is not None:
+            write_shard_counts(self.counts_dir, path, dict(counts))
 
 
 def _to_block(rows: dict[str, list]):
@@ -141,9 +374,15 @@ def _to_block(rows: dict[str, list]):
 
 
 def read_captioned_images(shards: list[str], image_size: int, split: str | None = None,
-                          heldout_fraction: float = 0.0) -> ray.data.Dataset:
-    """Shards -> Ray Dataset of {key, caption, image}; `split` is None, "train" or "heldout"."""
-    ds = ray.data.read_datasource(ShardDatasource(shards, image_size))
+                          heldout_fraction: float = 0.0, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                          counts_dir: str | None = None) -> ray.data.Dataset:
+    """Shards -> Ray Dataset of {key, caption, image}; `split` is None, "train" or "heldout".
+
+    A shard listed twice is read once. `counts_dir`: where each shard's counts (parse_shard) are
+    written once it has been read (write_shard_counts / read_shard_counts).
+    """
+    shards = list(dict.fromkeys(shards))
+    ds = ray.data.read_datasource(ShardDatasource(shards, image_size, max_image_pixels, counts_dir))
     if split is None:
         return ds
     if split not in ("train", "heldout"):

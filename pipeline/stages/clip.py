@@ -96,7 +96,8 @@ def retrieval_top1(encoder: TextEncoder, images: torch.Tensor, captions: list[st
 
 def run_clip(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | None) -> dict:
     """Train (or load) the CLIP text encoder into `out_dir`; returns held-out retrieval metrics."""
-    train_ds = read_captioned_images(shards, cfg.data.image_size, "train", cfg.data.heldout_fraction)
+    train_ds = read_captioned_images(shards, cfg.data.image_size, "train", cfg.data.heldout_fraction,
+                                     max_image_pixels=cfg.data.max_image_pixels)
     spec = encoder_spec(cfg)
     if cfg.clip.pretrained or spec["kind"] == "open_clip":
         encoder = build_text_encoder(spec, pretrained=cfg.clip.pretrained or None)
@@ -105,7 +106,8 @@ def run_clip(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str 
         fit_small_model(clip_train_loop, {"spec": spec}, cfg.clip, seed=cfg.seed, tracking_uri=cfg.tracking_uri,
                         run_id=run_id, train_ds=train_ds, out_dir=out_dir, workdir=cfg.workdir, name="clip")
     encoder = TextEncoder.load(out_dir)
-    heldout = read_captioned_images(shards, cfg.data.image_size, "heldout", cfg.data.heldout_fraction)
+    heldout = read_captioned_images(shards, cfg.data.image_size, "heldout", cfg.data.heldout_fraction,
+                                    max_image_pixels=cfg.data.max_image_pixels)
     rows = heldout.limit(RETRIEVAL_SAMPLES).take_batch(RETRIEVAL_SAMPLES, batch_format="numpy")
     if len(rows["key"]) == 0:
         return {}

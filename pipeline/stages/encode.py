@@ -5,6 +5,12 @@ pool (`map_batches` with a callable class; GPU actors on a cluster). Output dire
 `data/*.parquet` (key, caption, latent, tokens, mask, pooled; fp16 tensors), `null_condition.safetensors`
 (the encoding of the empty caption) and `metadata.json` (encoder directories and hashes, image size,
 latent shape, `latent_scale`, counts). The latent scale travels with the latent data.
+
+Bad samples are skipped and counted by reason (pipeline/data/reader.py, SKIP_REASONS): each read
+task writes its shard's counts to `counts/<shard hash>.json` once the shard is read, so a retried
+read rewrites its file instead of counting twice. The stage reports `samples` (rows written),
+`unconditional` (rows with an empty caption) and `skipped` ({reason: count}, every reason
+present), and checks that the rows written match the rows the readers counted.
 """
 
 from __future__ import annotations
@@ -12,14 +18,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import ray
+import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.conditioning import Conditioning
 from pipeline.config import PipelineConfig
-from pipeline.data.reader import images_to_tensor, read_captioned_images
+from pipeline.data.reader import counts_summary, images_to_tensor, read_captioned_images, read_shard_counts, sum_counts
 from pipeline.models.text import TextEncoder
 from pipeline.models.vq import VQModel
 
@@ -54,39 +59,56 @@ class FrozenEncoders:
 def run_encode(cfg: PipelineConfig, shards: list[str], vq_dir: Path, clip_dir: Path, out_dir: Path) -> dict:
     """Encode every good sample of the shards into `out_dir`; returns counts."""
     vq_meta = json.loads((vq_dir / "model.json").read_text())
-    ds = read_captioned_images(shards, cfg.data.image_size)
+    shards = list(dict.fromkeys(shards))  # a shard listed twice is read (and counted) once
+    counts_dir = out_dir / "counts"  # one JSON per shard, written by its read task
+    ds = read_captioned_images(shards, cfg.data.image_size, max_image_pixels=cfg.data.max_image_pixels,
+                               counts_dir=str(counts_dir))
     encoded = ds.map_batches(
         FrozenEncoders,
-        fn_constructor_kwargs={"vq_dir": str(vq_dir), "clip_dir": str(clip_dir), "fp16": cfg.encode.num_gpus_per_actor > 0},
+        fn_constructor_kwargs={"vq_dir": str(vq_dir), "clip_dir": str(clip_dir),
+                               "fp16": cfg.encode.num_gpus_per_actor > 0},
         batch_size=cfg.encode.batch_size,
         batch_format="numpy",
         concurrency=cfg.encode.concurrency,
         num_gpus=cfg.encode.num_gpus_per_actor or None,
     )
     encoded.write_parquet(str(out_dir / "data"))
-    latents = ray.data.read_parquet(str(out_dir / "data"))
-    samples = latents.count()
+    per_shard = read_shard_counts(str(counts_dir))  # keyed by the path as Ray Data names it
+    if len(per_shard) != len(shards):
+        raise RuntimeError(f"counts arrived from {len(per_shard)} of {len(shards)} shards")
+    counts = counts_summary(sum_counts(per_shard.values()))
+    files = sorted((out_dir / "data").rglob("*.parquet"))
+    # Row counts from the Parquet footers: no second pass over the data.
+    samples = sum(pq.read_metadata(str(path)).num_rows for path in files)
+    if samples != counts["samples"]:
+        raise RuntimeError(f"wrote {samples} rows but the readers counted {counts['samples']} good samples")
     if samples == 0:
-        raise ValueError(f"no usable samples in data.shards ({len(shards)} shards)")
-    first = latents.take(1)[0]
+        raise ValueError(f"no usable samples in data.shards ({len(shards)} shards); skipped: {counts['skipped']}")
     text = TextEncoder.load(clip_dir)
     null = text.null()
     save_file({"tokens": null.tokens.contiguous(), "mask": null.mask.contiguous(), "pooled": null.pooled.contiguous()},
               str(out_dir / "null_condition.safetensors"))
+    schema = pq.read_schema(str(files[0]))  # Ray's tensor columns carry their shapes
+    tokens_shape = schema.field("tokens").type.shape
+    data_bytes = sum(path.stat().st_size for path in files)
     metadata = {
         "vq_dir": str(vq_dir),
         "clip_dir": str(clip_dir),
         "image_size": cfg.data.image_size,
-        "latent_shape": list(np.asarray(first["latent"]).shape),
-        "context_length": int(np.asarray(first["tokens"]).shape[0]),
-        "token_dim": int(np.asarray(first["tokens"]).shape[1]),
-        "pooled_dim": int(np.asarray(first["pooled"]).shape[0]),
+        "latent_shape": list(schema.field("latent").type.shape),
+        "context_length": int(tokens_shape[0]),
+        "token_dim": int(tokens_shape[1]),
+        "pooled_dim": int(schema.field("pooled").type.shape[0]),
         "latent_scale": vq_meta["latent_scale"],
         "samples": samples,
+        "unconditional": counts["unconditional"],
+        "skipped": counts["skipped"],
         "shards": len(shards),
+        "bytes_per_sample": data_bytes / samples,
     }
     (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=2))
-    return {"samples": samples}
+    return {"samples": samples, "unconditional": counts["unconditional"], "skipped": counts["skipped"],
+            "bytes_per_sample": round(data_bytes / samples, 1)}
 
 
 def load_null_condition(latents_dir: Path) -> Conditioning:

@@ -103,9 +103,11 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
 
 def run_vq(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | None) -> dict:
     """Train (or load) the VQ model into `out_dir`; returns the held-out metrics."""
-    train_ds = read_captioned_images(shards, cfg.data.image_size, "train", cfg.data.heldout_fraction)
+    train_ds = read_captioned_images(shards, cfg.data.image_size, "train", cfg.data.heldout_fraction,
+                                     max_image_pixels=cfg.data.max_image_pixels)
     heldout = take_images(
-        read_captioned_images(shards, cfg.data.image_size, "heldout", cfg.data.heldout_fraction), MAX_EVAL_IMAGES
+        read_captioned_images(shards, cfg.data.image_size, "heldout", cfg.data.heldout_fraction,
+                          max_image_pixels=cfg.data.max_image_pixels), MAX_EVAL_IMAGES
     )
     if cfg.vq.pretrained:
         model, _ = VQModel.load(cfg.vq.pretrained)
