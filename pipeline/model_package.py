@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from pipeline.sampling import SAMPLERS, guided, randn_per_sample, sample
 FORMAT = "ldm-pipeline/1"
 # Inside an MLflow model, the pipeline directory is this artefact.
 MLFLOW_ARTIFACT = "pipeline"
+# Prompt encodings kept by a PipelineModel (a few KiB each for the demo encoder).
+PROMPT_CACHE_SIZE = 4096
 
 
 def write_package(out_dir: Path, unet_dir: Path, vq_dir: Path, clip_dir: Path, latents_meta: dict,
@@ -106,7 +109,14 @@ class PipelineModel:
         self.latent_shape = tuple(meta["latent_shape"])
         self.defaults = meta.get("sampling", {})
         self.device = torch.device("cpu")
-        self._prompt_cache: dict[str, Conditioning] = {}
+        self._prompt_cache: OrderedDict[str, Conditioning] = OrderedDict()
+        self.fixed_batch = 0
+        """When > 0, every UNet forward runs on exactly 2 * fixed_batch rows (+ 2 sentinel rows, see
+        `FixedRowsUNet`) and every VQ decode on exactly fixed_batch images (chunked, the last chunk
+        padded with copies of its last row).
+        CPU and GPU kernels pick their algorithm by shape, so a row's result can depend on the batch
+        size; with one fixed shape an image depends only on its own request, whatever shares its
+        batch (the serving app sets this). 0: run each batch at its own size."""
 
     def to(self, device) -> "PipelineModel":
         """Move the networks to a device (sampling noise is still drawn on the CPU, per request)."""
@@ -126,20 +136,38 @@ class PipelineModel:
         return self.text.context_length
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """CLIP-encode prompts, caching each prompt's encoding."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        if missing:
-            encoded = self.text.encode(missing)
-            for i, prompt in enumerate(missing):
-                self._prompt_cache[prompt] = encoded.index(slice(i, i + 1))
+        """CLIP-encode prompts, caching each prompt's encoding (least recently used out first).
+
+        Each new prompt is encoded alone, so its encoding does not depend on which prompts arrived
+        with it (batched matmuls can differ in the last bits).
+        """
+        for prompt in dict.fromkeys(prompts):
+            if prompt in self._prompt_cache:
+                self._prompt_cache.move_to_end(prompt)
+            else:
+                self._prompt_cache[prompt] = self.text.encode([prompt])
+                if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+                    self._prompt_cache.popitem(last=False)
         return Conditioning.cat([self._prompt_cache[p] for p in prompts])
+
+    def _unet_fn(self):
+        if not self.fixed_batch:
+            return self.unet
+        return FixedRowsUNet(self.unet, 2 * self.fixed_batch, mask_sentinels(self.null))
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if not self.fixed_batch:
+            return self.vq.decode(latents)
+        return _in_fixed_chunks(lambda idx: self.vq.decode(latents[idx]), latents.shape[0], self.fixed_batch,
+                                latents.device)
 
     @torch.no_grad()
     def generate(self, requests: list[GenerationRequest], steps: int, sampler: str) -> list[np.ndarray]:
         """Generate one image per request, (S, S, 3) uint8 each, in one batched sampling run.
 
-        Each request's noise comes from its own seeded generator, so an image does not depend on
-        the other requests in the batch.
+        Each request's noise comes from its own seeded generator; with `fixed_batch` set, an image
+        is bit for bit the same whatever else shares its batch, except that a batch whose scales
+        are all exactly 1 skips the unconditional half (so keep such requests in batches of their own).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; known: {sorted(SAMPLERS)}")
@@ -148,11 +176,76 @@ class PipelineModel:
         generators = [torch.Generator().manual_seed(int(r.seed)) for r in requests]
         x = randn_per_sample((len(requests), *self.latent_shape), generators, torch.device("cpu"), torch.float32)
         x, scales = x.to(self.device), scales.to(self.device)
-        model_fn = guided(self.unet, cond, self.null, scales)
+        model_fn = guided(self._unet_fn(), cond, self.null, scales)
         latents = sample(sampler, model_fn, x, self.schedule, num_steps=steps, generator=generators)
-        images = self.vq.decode(latents / self.latent_scale)
+        images = self._decode(latents / self.latent_scale)
         images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
         return [img.permute(1, 2, 0).numpy() for img in images]
+
+
+def mask_sentinels(null: Conditioning) -> Conditioning:
+    """Two condition rows (the null's tokens) whose masks pin the UNet's batch-level text shortcuts.
+
+    `UNet.prepare_text` cuts the tokens after the last position real in some row and drops the mask
+    when every kept token is real: decisions taken from the whole batch, which change the shapes (and
+    so the last bits) of every row's attention. A row with every token real and one with a padded
+    last position make every chunk take the same path: full context length, mask applied.
+    """
+    full = torch.ones_like(null.mask[:1], dtype=torch.bool)
+    padded = full.clone()
+    padded[:, -1] = False
+    tokens, pooled = null.tokens[:1], null.pooled[:1]
+    return Conditioning(torch.cat([tokens, tokens]), torch.cat([full, padded]), torch.cat([pooled, pooled]))
+
+
+class FixedRowsUNet:
+    """A UNet run at one fixed shape: chunks of exactly `rows` rows plus the sentinel rows.
+
+    The last chunk is padded by repeating its last row; padding and sentinel outputs are dropped.
+    With one shape and the same text path for every chunk, a row's output does not depend on the
+    rest of its batch. Offers `bind(cond)` (see `pipeline.sampling.guided`): each chunk's condition
+    is bound once per sampling run when the UNet can bind.
+    """
+
+    def __init__(self, unet, rows: int, sentinels: Conditioning):
+        self.unet, self.rows, self.sentinels = unet, rows, sentinels
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.bind(cond)(x, t)
+
+    def bind(self, cond: Conditioning):
+        n, k = len(cond), len(self.sentinels)
+        device = cond.tokens.device
+        sentinels = self.sentinels.to(device, cond.tokens.dtype)
+        chunks = [torch.arange(start, start + self.rows, device=device).clamp(max=n - 1)
+                  for start in range(0, n, self.rows)]
+        bind = getattr(self.unet, "bind", None)
+        fns = []
+        for idx in chunks:
+            chunk = Conditioning.cat([cond.index(idx), sentinels])
+            fns.append(bind(chunk) if bind is not None else (lambda x, t, c=chunk: self.unet(x, t, c)))
+
+        def bound(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] != n or t.shape[0] != n:
+                raise ValueError(f"x has batch {x.shape[0]} and t {t.shape[0]}, the condition {n}")
+            outs = []
+            for start, idx, fn in zip(range(0, n, self.rows), chunks, fns):
+                last = idx[-1:].expand(k)
+                out = fn(torch.cat([x[idx], x[last]]), torch.cat([t[idx], t[last]]))
+                outs.append(out[: min(self.rows, n - start)])
+            return torch.cat(outs)
+
+        return bound
+
+
+def _in_fixed_chunks(run, n: int, rows: int, device) -> torch.Tensor:
+    """torch.cat of run(idx) over chunks of exactly `rows` row indices covering range(n), the last
+    chunk padded by repeating row n - 1; the padding's outputs are dropped."""
+    outs = []
+    for start in range(0, n, rows):
+        idx = torch.arange(start, start + rows, device=device).clamp(max=n - 1)
+        outs.append(run(idx)[: min(rows, n - start)])
+    return torch.cat(outs)
 
 
 def png_bytes(image: np.ndarray) -> bytes:

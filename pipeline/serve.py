@@ -3,39 +3,66 @@
     serve run pipeline.serve:app model_uri=models:/ldm-pipeline@latest [tracking_uri=...]
 
 `POST /generate` takes JSON {"prompt": str, "guidance_scale": float, "steps": int, "seed": int,
-"num_images": int, "sampler": str} (all but `prompt` optional) and answers one PNG (`image/png`)
-when num_images is 1, else JSON {"images": [base64 PNG, ...]}. Image i uses seed + i. Every answer
-carries the model version in the `X-Model-Version` header. Bad input gets a 400 with a JSON body
-naming the field. Prompts longer than the text encoder's context are truncated, and the response
-says so in the `X-Prompt-Truncated` header. `GET /health` answers {"status": "ok", "model": ...}.
+"num_images": int, "sampler": str} (all but `prompt` optional; limits in `LIMITS`) and answers one
+PNG (`image/png`) when num_images is 1, else JSON {"images": [base64 PNG, ...], "seeds": [...],
+"model_version": ...}. Image i uses seed + i. Every answer carries the model version in the
+`X-Model-Version` header (an alias like models:/name@candidate is resolved to models:/name/N at
+startup). Bad input gets a 4xx (400; 413 for a body over `MAX_BODY_BYTES`) with a JSON body
+{"error": ..., "field": ...} naming the field; a sampling failure a 500 with a JSON body; the server
+stays up. Prompts longer than the text encoder's context are truncated, and the response says so in
+the `X-Prompt-Truncated` header; prompts over `MAX_PROMPT_CHARS` characters are refused.
+`GET /health` answers {"status": "ok", "model": ..., "model_version": ..., "defaults": ...} after
+asking the sampler (503 if it does not answer). `GET /metrics` answers JSON (or Prometheus text with
+`?format=prometheus`): requests ok / bad / error, images generated, latency percentiles of the
+answered requests, and the sampler's batch-size histogram and mean batch size.
 
-The ingress validates; the sampler deployment batches requests with `@serve.batch`, groups them by
+The ingress validates; the sampler deployment batches requests (`Batcher`), groups them by
 (steps, sampler) and runs each group as one guided sampling call whose forward passes carry the
-conditional and unconditional halves of every request, each with its own guidance scale.
+conditional and unconditional halves of every request, each with its own guidance scale. Prompt
+encodings are cached in the model (`PipelineModel.encode_prompts`).
+
+Determinism: the same request (prompt, seed, steps, sampler, guidance scale) gives the same PNG bytes
+alone or batched with others. Each request's noise has its own seeded generator, each prompt is
+encoded alone, and the sampler runs every UNet forward at one fixed shape (`fixed_batch` requests,
+i.e. 2 * fixed_batch rows, padded; default max_batch_size, so a full batch is one forward pass per
+step): kernels pick their algorithm by shape, so a varying batch size changes the last bits. Requests
+with guidance scale exactly 1 need no unconditional half and are grouped apart. The price is that a
+lone request costs a full-batch forward; `fixed_batch` trades that against forwards per step.
 """
 
 
 import asyncio
 import base64
+import json
+import time
+from collections import Counter, deque
 from dataclasses import dataclass
 from itertools import groupby
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 
 from pipeline.model_package import GenerationRequest, PipelineModel, png_bytes
 from pipeline.sampling import SAMPLERS
 
 LIMITS = {"guidance_scale": (0.0, 30.0), "steps": (1, 1000), "num_images": (1, 16)}
+MAX_PROMPT_CHARS = 2000
+"""Longer prompts are refused (400); shorter ones beyond the encoder's context are truncated."""
+MAX_BODY_BYTES = 64 * 1024
+"""Larger /generate bodies are refused (413)."""
+LATENCY_WINDOW = 10_000
+"""/metrics latency percentiles are over the last this many answered requests."""
+KNOWN_FIELDS = ("prompt", "guidance_scale", "steps", "seed", "num_images", "sampler")
 
 
 class RequestError(ValueError):
     """A request field is missing, of the wrong type or out of range."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, status: int = 400):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.status = status
 
 
 @dataclass
@@ -48,41 +75,152 @@ class GenerateParams:
     sampler: str
 
 
-def validate(body, defaults: dict) -> GenerateParams:
-    """Check a /generate body; raises RequestError naming the first bad field."""
+def validate(body, defaults: dict, max_steps: int = LIMITS["steps"][1]) -> GenerateParams:
+    """Check a /generate body; raises RequestError naming the first bad field.
+
+    `max_steps` further bounds steps (the model's number of training timesteps).
+    """
     if not isinstance(body, dict):
         raise RequestError("body", "must be a JSON object")
-    known = {"prompt", "guidance_scale", "steps", "seed", "num_images", "sampler"}
-    unknown = sorted(set(body) - known)
+    unknown = sorted(set(body) - set(KNOWN_FIELDS))
     if unknown:
-        raise RequestError(unknown[0], f"unknown field; known fields: {sorted(known)}")
+        raise RequestError(unknown[0], f"unknown field; known fields: {sorted(KNOWN_FIELDS)}")
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise RequestError("prompt", "required, must be a string")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise RequestError("prompt", f"at most {MAX_PROMPT_CHARS} characters, got {len(prompt)} "
+                                     "(prompts beyond the text encoder's context are truncated)")
 
-    def number(name, kind, default):
+    def number(name, kind, default, high=None):
         value = body.get(name, default)
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
             raise RequestError(name, f"must be {'a number' if kind is float else 'an integer'}")
-        low_high = LIMITS.get(name)
-        if low_high and not low_high[0] <= value <= low_high[1]:
-            raise RequestError(name, f"must be in [{low_high[0]}, {low_high[1]}], got {value}")
+        low, top = LIMITS.get(name, (None, None))
+        if high is not None:
+            top = min(top, high)
+        if low is not None and not low <= value <= top:  # NaN fails too
+            raise RequestError(name, f"must be in [{low}, {top}], got {value}")
         return kind(value)
 
     sampler = body.get("sampler", defaults.get("sampler", "ddim"))
-    if sampler not in SAMPLERS:
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise RequestError("sampler", f"must be one of {sorted(SAMPLERS)}")
     seed = number("seed", int, 0)
     if not 0 <= seed < 2**63:
         raise RequestError("seed", "must be in [0, 2**63)")
+    num_images = number("num_images", int, 1)
+    if seed + num_images > 2**63:
+        raise RequestError("seed", "seed + num_images must be at most 2**63")
     return GenerateParams(
         prompt=prompt,
         guidance_scale=number("guidance_scale", float, defaults.get("guidance_scale", 3.0)),
-        steps=number("steps", int, defaults.get("steps", 50)),
+        steps=number("steps", int, defaults.get("steps", 50), high=max_steps),
         seed=seed,
-        num_images=number("num_images", int, 1),
+        num_images=num_images,
         sampler=sampler,
     )
+
+
+def resolve_model_version(model_uri: str, tracking_uri: str | None = None) -> str:
+    """models:/name@alias, models:/name/latest or models:/name/Stage -> models:/name/N; others as given."""
+    if not model_uri.startswith("models:/"):
+        return model_uri
+    rest = model_uri[len("models:/"):]
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri or None, registry_uri=tracking_uri or None)
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias).version
+        else:
+            name, _, ref = rest.rpartition("/")
+            if not name or ref.isdigit():
+                return model_uri
+            if ref == "latest":
+                version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+            else:
+                version = client.get_latest_versions(name, [ref])[0].version
+        return f"models:/{name}/{version}"
+    except Exception:  # noqa: BLE001 - the version header is informative; loading reports real errors
+        return model_uri
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in [0, 100]) of an ascending list; None when empty."""
+    if not sorted_values:
+        return None
+    pos = (len(sorted_values) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
+
+
+class Batcher:
+    """Collects concurrent calls into batches for one running-at-a-time batch function.
+
+    Unlike `@serve.batch`, which forms the next batch while the previous one still runs (from what
+    arrives within the wait window after its first request, then queues it), a batch here is formed
+    only when the previous one has finished: it takes everything that has queued meanwhile, up to
+    `max_batch_size`, waiting for more up to `wait_s` after the later of its oldest request's
+    arrival and the previous batch's end (the answers of a batch bring their callers' next
+    requests a little later). Under load the batches are full; a lone request waits at most `wait_s`.
+    """
+
+    def __init__(self, run_batch, max_batch_size: int, wait_s: float):
+        self.run_batch = run_batch
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.wait_s = max(0.0, float(wait_s))
+        self.pending: list[tuple[object, asyncio.Future, float]] = []
+        self.wakeup: asyncio.Event | None = None
+        self.worker: asyncio.Task | None = None
+        self.last_end = 0.0
+
+    async def submit(self, item):
+        loop = asyncio.get_running_loop()
+        if self.wakeup is None:
+            self.wakeup = asyncio.Event()
+        future = loop.create_future()
+        self.pending.append((item, future, time.monotonic()))
+        self.wakeup.set()
+        if self.worker is None or self.worker.done():
+            self.worker = loop.create_task(self._work())
+        return await future
+
+    async def _work(self) -> None:
+        while True:
+            self.pending = [p for p in self.pending if not p[1].done()]  # drop cancelled callers
+            if not self.pending:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            window_start = max(self.pending[0][2], self.last_end)
+            while len(self.pending) < self.max_batch_size:
+                remaining = self.wait_s - (time.monotonic() - window_start)
+                if remaining <= 0:
+                    break
+                self.wakeup.clear()
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch, self.pending = self.pending[: self.max_batch_size], self.pending[self.max_batch_size:]
+            batch = [p for p in batch if not p[1].done()]
+            if not batch:
+                continue
+            try:
+                results = await self.run_batch([item for item, _, _ in batch])
+            except Exception as err:  # noqa: BLE001 - every caller of the batch gets the error
+                for _, future, _ in batch:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            finally:
+                self.last_end = time.monotonic()
+            for (_, future, _), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
 
 
 @dataclass
@@ -92,43 +230,112 @@ class SampleJob:
     sampler: str
 
 
+def prometheus_text(metrics: dict) -> str:
+    """/metrics's JSON as Prometheus text exposition."""
+    lines = []
+
+    def add(name: str, kind: str, samples: list[tuple[str, float | None]]) -> None:
+        lines.append(f"# TYPE ldm_{name} {kind}")
+        lines.extend(f"ldm_{name}{labels} {value}" for labels, value in samples if value is not None)
+
+    add("requests_total", "counter",
+        [(f'{{outcome="{k}"}}', v) for k, v in metrics["requests"].items() if k != "total"])
+    add("images_generated_total", "counter", [("", metrics["images_generated"])])
+    lat = metrics["latency_s"]
+    add("request_latency_seconds", "summary",
+        [(f'{{quantile="{q / 100}"}}', lat[f"p{q}"]) for q in (50, 90, 95, 99)] + [("_count", lat["count"])])
+    s = metrics["sampler"]
+    add("batches_total", "counter", [("", s["batches"])])
+    add("batch_size_batches", "gauge", [(f'{{size="{k}"}}', v) for k, v in s["batch_size_histogram"].items()])
+    add("mean_batch_size", "gauge", [("", s["mean_batch_size"])])
+    add("model_info", "gauge", [(f'{{version="{metrics["model_version"]}"}}', 1)])
+    return "\n".join(lines) + "\n"
+
+
+# Define everything the deployments call above them: @serve.ingress serializes the class when the
+# module is imported, with the globals it can see then.
 # Serve admits only a few requests per replica by default; the sampler must see a full batch.
 MAX_ONGOING_REQUESTS = 256
 
 
 @serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS)
 class Sampler:
-    """Loads the pipeline model by URI and samples batches of requests."""
+    """Loads the pipeline model by URI and samples batches of requests.
+
+    `generate(job)` answers {"png": bytes, "truncated": bool} or {"error": message}.
+    """
 
     def __init__(self, model_uri: str, tracking_uri: str | None = None, max_batch_size: int = 16,
-                 batch_wait_timeout_s: float = 0.05, threads: int = 1):
+                 batch_wait_timeout_s: float = 0.05, threads: int = 1, fixed_batch: int | None = None):
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.model = PipelineModel.from_uri(model_uri, tracking_uri)
+        self.model_uri = model_uri
+        self.model_version = resolve_model_version(model_uri, tracking_uri)
+        self.model = PipelineModel.from_uri(self.model_version, tracking_uri)
         if torch.cuda.is_available():
             self.model.to("cuda")
-        self.model_uri = model_uri
-        self.generate.set_max_batch_size(max_batch_size)
-        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.model.fixed_batch = max(0, int(max_batch_size if fixed_batch is None else fixed_batch))
+        self.max_batch_size = int(max_batch_size)
+        self.batcher = Batcher(self._generate_batch, max_batch_size, batch_wait_timeout_s)
+        self.batch_sizes: Counter = Counter()
+        self.counters = {"batches": 0, "images": 0, "failed_images": 0, "sampling_runs": 0}
+        self.busy_s = 0.0
 
     def info(self) -> dict:
-        return {"model_uri": self.model_uri, "defaults": self.model.defaults,
-                "context_length": self.model.context_length}
+        return {"model_uri": self.model_uri, "model_version": self.model_version, "defaults": self.model.defaults,
+                "context_length": self.model.context_length,
+                "max_steps": int(self.model.schedule.num_train_timesteps),
+                "max_batch_size": self.max_batch_size, "fixed_batch": self.model.fixed_batch}
+
+    def ping(self) -> bool:
+        return True
+
+    def stats(self) -> dict:
+        batches = self.counters["batches"]
+        return {**self.counters, "busy_s": self.busy_s,
+                "mean_batch_size": (sum(k * n for k, n in self.batch_sizes.items()) / batches) if batches else None,
+                "batch_size_histogram": {str(k): self.batch_sizes[k] for k in sorted(self.batch_sizes)}}
 
     def truncates(self, prompt: str) -> bool:
-        return len(self.model.text.tokenizer.encode(prompt)) + 2 > self.model.context_length
+        """Whether the prompt's tokens (plus start and end) exceed the text encoder's context."""
+        try:
+            return len(self.model.text.tokenizer.encode(prompt)) + 2 > self.model.context_length
+        except Exception:  # noqa: BLE001 - a tokenizer without encode(): the header is informative only
+            return False
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
-    async def generate(self, jobs: list[SampleJob]) -> list[bytes]:
-        results: dict[int, bytes] = {}
-        order = sorted(range(len(jobs)), key=lambda i: (jobs[i].steps, jobs[i].sampler))
-        for (steps, sampler), group in groupby(order, key=lambda i: (jobs[i].steps, jobs[i].sampler)):
+    def _run_group(self, jobs: list[SampleJob], steps: int, sampler: str) -> list[dict]:
+        images = self.model.generate([job.request for job in jobs], steps, sampler)
+        return [{"png": png_bytes(image), "truncated": self.truncates(job.request.prompt)}
+                for job, image in zip(jobs, images)]
+
+    async def generate(self, job: SampleJob) -> dict:
+        return await self.batcher.submit(job)
+
+    async def _generate_batch(self, jobs: list[SampleJob]) -> list[dict]:
+        start = time.perf_counter()
+        results: list[dict | None] = [None] * len(jobs)
+
+        # Scale exactly 1 needs no unconditional half: such requests form groups of their own so
+        # that every request always takes the same path (see the module docstring).
+        def key(i: int):
+            return jobs[i].steps, jobs[i].sampler, jobs[i].request.guidance_scale == 1.0
+
+        for (steps, sampler, _), group in groupby(sorted(range(len(jobs)), key=key), key=key):
             group = list(group)
-            images = await asyncio.to_thread(self.model.generate, [jobs[i].request for i in group], steps, sampler)
-            for i, image in zip(group, images):
-                results[i] = png_bytes(image)
-        return [results[i] for i in range(len(jobs))]
+            self.counters["sampling_runs"] += 1
+            try:
+                answers = await asyncio.to_thread(self._run_group, [jobs[i] for i in group], steps, sampler)
+            except Exception as err:  # noqa: BLE001 - one failing group must not fail the others
+                self.counters["failed_images"] += len(group)
+                answers = [{"error": f"sampling failed: {type(err).__name__}: {err}"}] * len(group)
+            for i, answer in zip(group, answers):
+                results[i] = answer
+        self.counters["batches"] += 1
+        self.counters["images"] += len(jobs)
+        self.batch_sizes[len(jobs)] += 1
+        self.busy_s += time.perf_counter() - start
+        return results
 
 
 api = FastAPI(title="ldm-pipeline")
@@ -138,64 +345,138 @@ api = FastAPI(title="ldm-pipeline")
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING_REQUESTS)
 @serve.ingress(api)
 class Ingress:
-    """Validates requests and fans them out to the sampler, one job per image."""
+    """Validates requests, fans them out to the sampler (one job per image) and keeps the metrics."""
 
     def __init__(self, sampler):
         self.sampler = sampler
         self._info = None
+        self.started = time.time()
+        self.requests: Counter = Counter({"ok": 0, "bad": 0, "error": 0})
+        self.status_codes: Counter = Counter()
+        self.images = 0
+        self.latencies: deque = deque(maxlen=LATENCY_WINDOW)
 
     async def info(self) -> dict:
         if self._info is None:
             self._info = await self.sampler.info.remote()
         return self._info
 
+    def _answer(self, outcome: str, status: int, response, start: float):
+        self.requests[outcome] += 1
+        self.status_codes[status] += 1
+        if outcome == "ok":
+            self.latencies.append(time.perf_counter() - start)
+        return response
+
     @api.get("/health")
     async def health(self):
+        try:
+            info = await self.info()
+            await asyncio.wait_for(self.sampler.ping.remote(), timeout=30)
+        except Exception as err:  # noqa: BLE001 - unhealthy, whatever the cause
+            return JSONResponse({"status": "unavailable", "error": f"{type(err).__name__}: {err}"}, 503)
+        return JSONResponse({"status": "ok", "model": info["model_uri"], "model_version": info["model_version"],
+                             "defaults": info["defaults"]}, headers={"X-Model-Version": info["model_version"]})
+
+    @api.get("/metrics")
+    async def metrics(self, request: Request):
         info = await self.info()
-        return {"status": "ok", "model": info["model_uri"], "defaults": info["defaults"]}
+        sampler = await self.sampler.stats.remote()
+        latencies = sorted(self.latencies)
+        body = {
+            "model": info["model_uri"],
+            "model_version": info["model_version"],
+            "uptime_s": time.time() - self.started,
+            "requests": {**self.requests, "total": sum(self.requests.values())},
+            "status_codes": {str(k): v for k, v in sorted(self.status_codes.items())},
+            "images_generated": self.images,
+            "latency_s": {"count": len(latencies),
+                          "mean": sum(latencies) / len(latencies) if latencies else None,
+                          **{f"p{q}": percentile(latencies, q) for q in (50, 90, 95, 99)},
+                          "max": latencies[-1] if latencies else None},
+            "sampler": {**sampler, "max_batch_size": info["max_batch_size"], "fixed_batch": info["fixed_batch"]},
+        }
+        headers = {"X-Model-Version": info["model_version"]}
+        if request.query_params.get("format") == "prometheus":
+            return PlainTextResponse(prometheus_text(body), headers=headers)
+        return JSONResponse(body, headers=headers)
 
     @api.post("/generate")
     async def generate(self, request: Request):
-        info = await self.info()
-        headers = {"X-Model-Version": info["model_uri"]}
+        start = time.perf_counter()
         try:
-            body = await request.json()
-        except Exception:  # noqa: BLE001 - any unparsable body is the client's error
-            return JSONResponse({"error": "body must be valid JSON", "field": "body"}, 400, headers=headers)
+            info = await self.info()
+        except Exception as err:  # noqa: BLE001
+            return self._answer("error", 503, JSONResponse(
+                {"error": f"sampler unavailable: {type(err).__name__}: {err}", "field": None}, 503), start)
+        version = info["model_version"]
+        headers = {"X-Model-Version": version}
         try:
-            params = validate(body, info["defaults"])
+            params = validate(await self._read_json(request), info["defaults"], info.get("max_steps", 1000))
         except RequestError as err:
-            return JSONResponse({"error": str(err), "field": err.field}, 400, headers=headers)
-        if await self.sampler.truncates.remote(params.prompt):
+            return self._answer("bad", err.status, JSONResponse(
+                {"error": str(err), "field": err.field, "model_version": version}, err.status, headers=headers), start)
+        try:
+            jobs = [
+                SampleJob(GenerationRequest(params.prompt, params.seed + i, params.guidance_scale), params.steps,
+                          params.sampler)
+                for i in range(params.num_images)
+            ]
+            answers = await asyncio.gather(*[self.sampler.generate.remote(job) for job in jobs])
+        except Exception as err:  # noqa: BLE001 - the server answers and stays up
+            answers = [{"error": f"{type(err).__name__}: {err}"}]
+        failed = [a["error"] for a in answers if "error" in a]
+        if failed:
+            return self._answer("error", 500, JSONResponse(
+                {"error": failed[0], "field": None, "model_version": version}, 500, headers=headers), start)
+        if answers[0]["truncated"]:
             headers["X-Prompt-Truncated"] = f"prompt truncated to {info['context_length']} tokens"
-        jobs = [
-            SampleJob(GenerationRequest(params.prompt, params.seed + i, params.guidance_scale), params.steps,
-                      params.sampler)
-            for i in range(params.num_images)
-        ]
-        pngs = await asyncio.gather(*[self.sampler.generate.remote(job) for job in jobs])
+        self.images += len(answers)
         if params.num_images == 1:
-            return Response(pngs[0], media_type="image/png", headers=headers)
-        return JSONResponse({"images": [base64.b64encode(p).decode() for p in pngs]}, headers=headers)
+            return self._answer("ok", 200, Response(answers[0]["png"], media_type="image/png", headers=headers), start)
+        return self._answer("ok", 200, JSONResponse(
+            {"images": [base64.b64encode(a["png"]).decode() for a in answers],
+             "seeds": [params.seed + i for i in range(params.num_images)], "model_version": version},
+            headers=headers), start)
+
+    @staticmethod
+    async def _read_json(request: Request):
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise RequestError("body", f"at most {MAX_BODY_BYTES} bytes", status=413)
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise RequestError("body", f"at most {MAX_BODY_BYTES} bytes", status=413)
+        try:
+            return json.loads(raw)
+        except ValueError:  # includes UnicodeDecodeError
+            raise RequestError("body", "must be valid JSON") from None
+        except RecursionError:
+            raise RequestError("body", "JSON nested too deeply") from None
 
 
 def app(args: dict):
     """Application builder: `serve run pipeline.serve:app model_uri=URI [tracking_uri=URI]`.
 
-    Optional arguments: max_batch_size, batch_wait_timeout_s, num_cpus and num_gpus of the sampler
-    replica (torch uses num_cpus threads), num_replicas.
+    Optional arguments: max_batch_size, batch_wait_timeout_s, fixed_batch (requests per UNet forward,
+    padded; default max_batch_size; 0 runs each batch at its own size, which gives up bitwise
+    determinism under batching), num_cpus and num_gpus of the sampler replica (torch uses num_cpus
+    threads), num_replicas.
     """
     if "model_uri" not in args:
         raise ValueError("pipeline.serve:app needs the argument model_uri")
     num_cpus = float(args.get("num_cpus", 1))
+    max_batch_size = int(args.get("max_batch_size", 16))
+    fixed_batch = args.get("fixed_batch")
     sampler = Sampler.options(
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": float(args.get("num_gpus", 0))},
         num_replicas=int(args.get("num_replicas", 1)),
     ).bind(
         args["model_uri"],
         args.get("tracking_uri") or None,
-        int(args.get("max_batch_size", 16)),
+        max_batch_size,
         float(args.get("batch_wait_timeout_s", 0.05)),
         max(1, int(num_cpus)),
+        None if fixed_batch in (None, "") else int(fixed_batch),
     )
     return Ingress.bind(sampler)
