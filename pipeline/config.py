@@ -47,10 +47,16 @@ class DataConfig:
     """Demo only: how many captioned images to generate."""
     demo_shard_size: int = 1000
     """Demo only: samples per shard."""
+    max_image_pixels: int = 89_478_485
+    """Decompression-bomb guard of the encode stage: images with more pixels (width x height, read
+    from the header before decoding) are skipped as `too_many_pixels`. Default: PIL's own limit.
+    PIL's hard limit (twice its default) also applies."""
 
     def __post_init__(self):
         if self.image_size < 8:
             raise ConfigError(f"data.image_size must be >= 8, got {self.image_size}")
+        if self.max_image_pixels <= 0:
+            raise ConfigError(f"data.max_image_pixels must be > 0, got {self.max_image_pixels}")
         if not 0.0 <= self.heldout_fraction < 0.5:
             raise ConfigError(f"data.heldout_fraction must be in [0, 0.5), got {self.heldout_fraction}")
 
@@ -161,6 +167,14 @@ class LDMConfig:
     storage_path: str = ""
     """Ray Train storage for checkpoints (s3:// on a cluster). Empty: <workdir>/ray_results."""
     log_every: int = 25
+    """Print the progress line every this many steps (metrics go to MLflow every step)."""
+    max_nonfinite_steps: int = 10
+    """A non-finite loss skips its step (counted as `nonfinite_steps`); this many in a row stop the run."""
+    sample_every: int = 0
+    """Log a sample grid of `samples.prompts` from the EMA weights to MLflow every this many steps
+    (0: only at the end of training)."""
+    sample_grid_steps: int = 25
+    """DDIM steps for those in-training grids (cheap; the samples stage uses `samples.steps`)."""
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -177,9 +191,13 @@ class LDMConfig:
             batch_size=self.batch_size,
             grad_accum=self.grad_accum,
             checkpoint_every=self.checkpoint_every,
+            max_nonfinite_steps=self.max_nonfinite_steps,
+            sample_grid_steps=self.sample_grid_steps,
             num_workers=self.num_workers,
             keep_checkpoints=self.keep_checkpoints,
         )
+        if self.sample_every < 0:
+            raise ConfigError(f"ldm.sample_every must be >= 0, got {self.sample_every}")
 
 
 @dataclass
@@ -190,6 +208,10 @@ class SamplesConfig:
     sampler: str = "ddim"
     seed: int = 0
     num_per_prompt: int = 4
+    adherence_images: int = 120
+    """Demo data only: how many images (cycling through every shape x colour x position, seeds from
+    `seed`) to generate at guidance scales 1 and `guidance_scale` for `adherence_g1` /
+    `adherence_g<scale>`. 0 turns the evaluation off."""
 
 
 @dataclass

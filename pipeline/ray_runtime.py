@@ -47,8 +47,13 @@ def fit(
     max_failures: int = 0,
     cpus_per_worker: float = 1.0,
     num_to_keep: int | None = None,
+    split_datasets: bool = True,
 ) -> ray.train.Result:
-    """Run `train_loop` on `num_workers` Ray Train workers (gloo on CPU, NCCL on GPU)."""
+    """Run `train_loop` on `num_workers` Ray Train workers (gloo on CPU, NCCL on GPU).
+
+    `split_datasets=False` gives every worker the datasets whole (the caller has split them itself,
+    e.g. one fixed part per rank for a reproducible data order).
+    """
     storage_path = str(storage_path)
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).resolve())
@@ -68,6 +73,7 @@ def fit(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
         ),
         datasets=datasets,
+        dataset_config=None if split_datasets else ray.train.DataConfig(datasets_to_split=[]),
     )
     # Ray Data's bars are for the driver's reads; the per-worker ingest bars would only flood logs.
     ctx = ray.data.DataContext.get_current()

@@ -6,6 +6,8 @@ The workflow is one parent run with a child run per stage. Training workers log 
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -39,11 +41,21 @@ class MetricLogger:
 
     Metrics are buffered and sent by a background thread, so a slow tracking store (SQLite takes
     seconds for a few hundred metrics) never stalls a training step. A failure to reach the server
-    must not stop training either: the batch is kept, retried with the next flush, and counted.
+    must not stop training either: the batch is kept, retried with the next flush, and counted;
+    whatever still cannot be sent when the logger closes is written to `fallback_path` (JSON lines,
+    one metric each; `replay_metrics` sends them later) and the logger says so.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 250):
+    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 250, fallback_path: str | None = None,
+                 system_metrics: bool = False):
+        # Fail fast on an unreachable server (MLflow's default retries back off for minutes); the
+        # background thread retries on its next flush anyway.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.client = MlflowClient(tracking_uri)
+        self.fallback_path = fallback_path
+        self.unlogged = 0
+        self._monitor = _start_system_metrics(tracking_uri, run_id) if system_metrics else None
         self.run_id = run_id
         self.flush_every = flush_every
         self.pending: list[Metric] = []
@@ -75,8 +87,11 @@ class MetricLogger:
                 return True
             try:
                 self.client.log_batch(self.run_id, metrics=chunk)
-            except Exception:  # noqa: BLE001 - any tracking failure: keep the data, go on training
+            except Exception as error:  # noqa: BLE001 - any tracking failure: keep the data, go on training
                 self.failed_flushes += 1
+                if self.failed_flushes == 1:
+                    print(f"[mlflow] cannot reach the tracking server ({type(error).__name__}); training goes on, "
+                          f"metrics are kept and retried", flush=True)
                 return False
             with self._lock:
                 del self.pending[:len(chunk)]
@@ -91,8 +106,57 @@ class MetricLogger:
         """Send everything pending now (blocking); used at the end of training."""
         self._send()
 
-    def close(self) -> None:
+    def close(self) -> int:
+        """Stop the thread and send what is left; returns how many metrics could not be sent."""
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=60)
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception:  # noqa: BLE001
+                pass
         self.flush()
+        with self._lock:
+            left, self.pending = self.pending, []
+        self.unlogged = len(left)
+        if left:
+            where = "dropped (no fallback path)"
+            if self.fallback_path:
+                Path(self.fallback_path).parent.mkdir(parents=True, exist_ok=True)
+                with open(self.fallback_path, "a") as f:
+                    for m in left:
+                        f.write(json.dumps({"run_id": self.run_id, "key": m.key, "value": m.value,
+                                            "timestamp": m.timestamp, "step": m.step}) + "\n")
+                where = f"kept in {self.fallback_path}; send them later with pipeline.tracking.replay_metrics"
+            print(f"[mlflow] the tracking server was unreachable: {len(left)} metrics not logged, {where}",
+                  flush=True)
+        return self.unlogged
+
+
+def replay_metrics(tracking_uri: str, path: str | Path) -> int:
+    """Send metrics a `MetricLogger` kept locally during a tracking outage; returns how many."""
+    by_run: dict[str, list[Metric]] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            m = json.loads(line)
+            by_run.setdefault(m["run_id"], []).append(Metric(m["key"], m["value"], m["timestamp"], m["step"]))
+    client = MlflowClient(tracking_uri)
+    for run_id, metrics in by_run.items():
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    return sum(len(m) for m in by_run.values())
+
+
+def _start_system_metrics(tracking_uri: str, run_id: str):
+    """MLflow's system metrics (CPU, memory, GPU when present) for the run, sampled every 10 s."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, samples_before_logging=1,
+                                       tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as error:  # noqa: BLE001 - optional: psutil missing, or an outage at start
+        print(f"[mlflow] system metrics are off: {error}", flush=True)
+        return None

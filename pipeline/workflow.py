@@ -29,6 +29,18 @@ def _shard_listing_key(shards: list[str]) -> str:
     return content_key(*parts)
 
 
+def _numeric_metrics(metrics: dict) -> dict:
+    """MLflow metrics from a stage's metrics: numbers, and maps of numbers flattened to `name.key`
+    (the encode stage's `skipped` -> `skipped.corrupt_image`, ...)."""
+    numeric = {}
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            numeric.update({f"{name}.{k}": v for k, v in value.items() if isinstance(v, (int, float))})
+        elif isinstance(value, (int, float)):
+            numeric[name] = value
+    return numeric
+
+
 class Workflow:
     """Runs the stages in order inside one MLflow parent run."""
 
@@ -53,7 +65,7 @@ class Workflow:
             print(f"== stage {name} (key {key}) ==", flush=True)
             result = run_stage(self.workdir, name, key, lambda out: work(out, child.info.run_id))
             mlflow.set_tags({"stage": name, "status": result.status, "cache_key": key})
-            numeric = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+            numeric = _numeric_metrics(result.metrics)
             if numeric:
                 mlflow.log_metrics(numeric)
             mlflow.log_metric("stage_seconds", result.seconds)
@@ -95,7 +107,8 @@ class Workflow:
                           lambda out, run_id: run_clip(cfg, shards, out, run_id))
         encoders = content_key(dir_digest(vq.output), dir_digest(clip.output))
         encode = self.stage(
-            "encode", content_key("encode", to_yaml(cfg.encode), listing, str(cfg.data.image_size), encoders),
+            "encode", content_key("encode", to_yaml(cfg.encode), listing, str(cfg.data.image_size), encoders,
+                                  str(cfg.data.max_image_pixels)),
             lambda out, run_id: run_encode(cfg, shards, vq.output, clip.output, out))
         ldm_key = content_key("ldm", to_yaml(cfg.ldm), str(cfg.seed), encode.key)
         ldm = self.stage("ldm", ldm_key, lambda out, run_id: self.train_and_register(
@@ -183,6 +196,12 @@ class Workflow:
         mlflow.log_artifact(str(out / "grid.png"), "samples")
         metrics = {"images": len(records), "img_per_s": len(records) / seconds}
         metrics.update(demo_adherence(out, records))
+        if not cfg.data.shards and s.adherence_images > 0:
+            from pipeline.model_package import PipelineModel
+
+            model = PipelineModel.from_uri(model_uri, cfg.tracking_uri)
+            for scale in dict.fromkeys([1.0, float(s.guidance_scale)]):
+                metrics.update(evaluate_demo_adherence(model, s.adherence_images, scale, s.steps, s.sampler, s.seed))
         return metrics
 
 
@@ -201,7 +220,32 @@ def demo_adherence(out: Path, records) -> dict:
         judged.append(judge(Image.open(out / record.file).convert("RGB"), spec))
     if not judged:
         return {}
-    return {f"adherence_g{records[0].guidance_scale:g}": sum(j["ok"] for j in judged) / len(judged)}
+    return {f"grid_adherence_g{records[0].guidance_scale:g}": sum(j["ok"] for j in judged) / len(judged)}
+
+
+def evaluate_demo_adherence(model, images: int, guidance_scale: float, steps: int, sampler: str, seed: int,
+                            batch: int = 60) -> dict:
+    """Prompt adherence on the demo: `images` prompts cycling through every shape x colour x position
+    (and caption wording), one seed each, sampled in-process in batches and judged from pixels.
+    Returns adherence_g<scale> (all three right) and its shape/colour/position parts."""
+    from pipeline.data.demo import CAPTION_TEMPLATES, DEMO_COLOURS, DEMO_POSITIONS, DEMO_SHAPES, DemoSpec, spec_to_caption
+    from pipeline.data.demo_eval import adherence
+    from pipeline.model_package import GenerationRequest
+
+    combos = [DemoSpec(s, c, p) for s in DEMO_SHAPES for c in DEMO_COLOURS for p in DEMO_POSITIONS]
+    specs = [combos[i % len(combos)] for i in range(images)]
+    requests = [GenerationRequest(spec_to_caption(spec, i % len(CAPTION_TEMPLATES)), seed + i, guidance_scale)
+                for i, spec in enumerate(specs)]
+    start = time.perf_counter()
+    generated = []
+    for i in range(0, len(requests), batch):
+        generated += model.generate(requests[i:i + batch], steps, sampler)
+    scores = adherence(generated, specs)
+    name = f"adherence_g{guidance_scale:g}"
+    print(f"[samples] {name} {scores['all']:.3f} (shape {scores['shape']:.3f}, colour {scores['colour']:.3f}, "
+          f"position {scores['position']:.3f}) on {images} images in {time.perf_counter() - start:.1f}s", flush=True)
+    return {name: scores["all"], **{f"{name}_{part}": scores[part] for part in ("shape", "colour", "position")},
+            f"{name}_images": images}
 
 
 class _StopAfter(Exception):

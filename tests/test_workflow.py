@@ -25,8 +25,8 @@ def tiny_config(workdir: Path, port: int):
         "data.demo_num_samples=192", "data.demo_shard_size=64",
         "vq.max_steps=8", "vq.batch_size=16",
         "clip.max_steps=8", "clip.batch_size=32",
-        "ldm.max_steps=6", "ldm.checkpoint_every=3", "ldm.batch_size=8", "ldm.log_every=2",
-        "samples.steps=3", "samples.num_per_prompt=2", f"samples.prompts=[{','.join(PROMPTS)}]",
+        "ldm.max_steps=6", "ldm.checkpoint_every=3", "ldm.sample_every=3", "ldm.batch_size=8", "ldm.log_every=2",
+        "samples.steps=3", "samples.num_per_prompt=2", "samples.adherence_images=12", f"samples.prompts=[{','.join(PROMPTS)}]",
         f"serve.port={port}",
     ])
 
@@ -54,6 +54,10 @@ def test_summary_names_every_stage_with_status_time_and_metrics(demo_run):
     assert summary["stages"]["encode"]["metrics"]["samples"] == 192
     assert {"psnr", "codebook_usage", "latent_scale"} <= set(summary["stages"]["vq"]["metrics"])
     assert "retrieval_top1" in summary["stages"]["clip"]["metrics"]
+    samples = summary["stages"]["samples"]["metrics"]
+    for scale in ("g1", "g3"):  # judged from pixels on 12 demo prompts per guidance scale
+        assert samples[f"adherence_{scale}_images"] == 12
+        assert 0.0 <= samples[f"adherence_{scale}"] <= samples[f"adherence_{scale}_colour"] <= 1.0
     assert summary["model_uri"].startswith("models:/ldm-pipeline/")
     assert summary["tracking_uri"] == cfg.tracking_uri
 
@@ -86,6 +90,11 @@ def test_mlflow_has_a_parent_run_a_child_per_stage_and_the_registered_model(demo
     # rank 0 logged per-step training metrics
     losses = client.get_metric_history(ldm.info.run_id, "loss")
     assert [m.step for m in losses] == [1, 2, 3, 4, 5, 6]
+    for metric in ("lr", "grad_norm", "data_wait_frac", "nonfinite_steps"):
+        assert len(client.get_metric_history(ldm.info.run_id, metric)) == 6, metric
+    # the in-training sample grid of the EMA weights, every ldm.sample_every steps and at the end
+    grids = [a.path for a in client.list_artifacts(ldm.info.run_id, "samples")]
+    assert grids == ["samples/step_000003.png", "samples/step_000006.png"]
     assert "psnr" in by_stage["vq"].data.metrics
     name, version = summary["model_uri"].split("/")[1:]
     model_version = client.get_model_version(name, version)

@@ -209,6 +209,12 @@ class TextContext:
     None: each layer projects `tokens` itself."""
 
 
+def _partitioned(weight: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions this parameter: it is then gathered only when the module
+    owning it is called, so the fused fast paths (which read child modules' weights) must not run."""
+    return hasattr(weight, "ds_id")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention of x, or cross-attention of x over a `TextContext`."""
 
@@ -227,6 +233,8 @@ class Attention(nn.Module):
 
     def project_context(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, nh, L, hs) of the context tokens (B, L, D)."""
+        if _partitioned(self.to_k.weight):
+            return self._heads(self.to_k(tokens), 1) + self._heads(self.to_v(tokens), 1)
         # One matmul instead of two: the weights stay separate parameters (the checkpoint layout),
         # concatenated here at the cost of a weight-sized copy.
         return self._heads(F.linear(tokens, torch.cat([self.to_k.weight, self.to_v.weight])), 2)
@@ -234,7 +242,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
         """x (B, T, C); self-attention when `text` is None, else cross-attention. Returns (B, T, C)."""
         batch, length, dim = x.shape
-        if text is None:
+        if text is None and _partitioned(self.to_q.weight):
+            q, k, v = (self._heads(proj(x), 1)[0] for proj in (self.to_q, self.to_k, self.to_v))
+            attn_mask = has_keys = None
+        elif text is None:
             qkv = F.linear(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]))  # (B, T, 3C)
             q, k, v = self._heads(qkv, 3)  # 3 x (B, nh, T, hs)
             attn_mask = has_keys = None
@@ -359,7 +370,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if min(x.shape[-2:]) < SUBPIXEL_MIN_SIDE:
+        if min(x.shape[-2:]) < SUBPIXEL_MIN_SIDE or _partitioned(self.conv.weight):
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         return self._subpixel(x)
 

@@ -69,20 +69,52 @@ def setup_model_and_optimizer(config: dict, world_size: int):
 
 
 class EMA:
-    """Exponential moving average of the UNet weights, kept in fp32 on rank 0."""
+    """Exponential moving average of the UNet weights, kept in fp32 on rank 0.
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    Under ZeRO-3 each rank holds only a partition of every parameter, so reading the weights is a
+    collective: every rank must call `update` (and the constructor), which gathers the full
+    parameters for the moment of the update; only rank 0 (`keep=True`) keeps the average.
+    """
+
+    def __init__(self, engine, decay: float, keep: bool, zero3: bool):
+        self.decay, self.keep, self.zero3 = decay, keep, zero3
+        self.shadow: dict[str, torch.Tensor] = {}
+        with self._full_weights(engine) as weights:
+            if keep:
+                self.shadow = {k: v.detach().float().clone() for k, v in weights.items()}
+
+    def _full_weights(self, engine):
+        import contextlib
+
+        module = engine.module
+        weights = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        if not self.zero3:
+            return contextlib.nullcontext(weights)
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+        class _Gathered:
+            def __enter__(self_inner):
+                gathered.__enter__()
+                return weights
+
+            def __exit__(self_inner, *exc):
+                return gathered.__exit__(*exc)
+
+        return _Gathered()
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for name, value in model.state_dict().items():
-            shadow = self.shadow[name]
-            if value.is_floating_point():
-                shadow.lerp_(value.detach().float(), 1 - self.decay)
-            else:
-                shadow.copy_(value)
+    def update(self, engine) -> None:
+        with self._full_weights(engine) as weights:
+            if not self.keep:
+                return
+            for name, value in weights.items():
+                shadow = self.shadow[name]
+                if value.is_floating_point():
+                    shadow.lerp_(value.detach().float(), 1 - self.decay)
+                else:
+                    shadow.copy_(value)
 
 
 def latent_batches(shard, config: dict, epoch: int):
@@ -91,27 +123,30 @@ def latent_batches(shard, config: dict, epoch: int):
         batch_size=config["batch_size"],
         drop_last=True,
         local_shuffle_buffer_size=8 * config["batch_size"],
-        local_shuffle_seed=config["seed"] + epoch,
+        local_shuffle_seed=config["seed"] + 1000 * epoch,
     )
 
 
-def save_checkpoint(engine, ema: EMA | None, step: int, epoch: int, directory: str) -> None:
-    """DeepSpeed state on every rank; EMA weights and progress on rank 0."""
+def save_checkpoint(engine, ema: EMA, state: dict, generator: torch.Generator, rank: int, directory: str) -> None:
+    """DeepSpeed state and this rank's RNG state on every rank; EMA weights and progress on rank 0."""
     engine.save_checkpoint(directory, tag="deepspeed")
-    if ema is not None:
+    save_file({"state": generator.get_state()}, os.path.join(directory, f"rng_rank{rank}.safetensors"))
+    if ema.keep:
         save_file({k: v.contiguous() for k, v in ema.shadow.items()}, os.path.join(directory, "ema.safetensors"))
         with open(os.path.join(directory, "progress.json"), "w") as f:
-            json.dump({"step": step, "epoch": epoch}, f)
+            json.dump(state, f)
 
 
-def load_checkpoint(engine, ema: EMA | None, directory: str) -> tuple[int, int]:
-    """Restore DeepSpeed and EMA state; returns (step, epoch)."""
+def load_checkpoint(engine, ema: EMA, generator: torch.Generator, rank: int, directory: str) -> dict:
+    """Restore DeepSpeed, EMA and RNG state; returns the progress record (step, epoch, batch)."""
     engine.load_checkpoint(directory, tag="deepspeed")
-    if ema is not None:
+    if ema.keep:
         ema.shadow = load_file(os.path.join(directory, "ema.safetensors"))
+    rng = os.path.join(directory, f"rng_rank{rank}.safetensors")
+    if os.path.isfile(rng):
+        generator.set_state(load_file(rng)["state"])
     with open(os.path.join(directory, "progress.json")) as f:
-        progress = json.load(f)
-    return progress["step"], progress["epoch"]
+        return json.load(f)
 
 
 def export_unet(unet_cfg: dict, weights: dict, directory: str) -> None:
@@ -121,8 +156,74 @@ def export_unet(unet_cfg: dict, weights: dict, directory: str) -> None:
     save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(directory, "unet.safetensors"))
 
 
+class InjectedFailure(RuntimeError):
+    """Raised by rank 0 at step LDM_FAIL_AT_STEP (tests of resume)."""
+
+
+def injected_faults() -> dict:
+    """Faults for tests, read from the driver's environment and passed to the workers in the config:
+    LDM_FAIL_AT_STEP=k makes rank 0 raise when about to take step k, once per run;
+    LDM_NONFINITE_AT_STEP=k (LDM_NONFINITE_REPEAT=n, default 1) makes rank 0's loss NaN for the first
+    n attempts at step k."""
+    env = os.environ
+    return {"fail_at_step": int(env.get("LDM_FAIL_AT_STEP", 0) or 0),
+            "nonfinite_at_step": int(env.get("LDM_NONFINITE_AT_STEP", 0) or 0),
+            "nonfinite_repeat": int(env.get("LDM_NONFINITE_REPEAT", 1) or 1)}
+
+
+def _injected_failure(config: dict, rank: int, step: int) -> None:
+    """Raise at the injected step, once: a marker file next to the run's checkpoints remembers it
+    across the restart."""
+    if rank != 0 or config["inject"]["fail_at_step"] != step or not config.get("fail_marker"):
+        return
+    marker = Path(config["fail_marker"])
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(step))
+    raise InjectedFailure(f"LDM_FAIL_AT_STEP={step}: injected failure on rank 0")
+
+
+def _injected_nonfinite(config: dict, rank: int, step: int, attempts: dict) -> bool:
+    inject = config["inject"]
+    if rank != 0 or inject["nonfinite_at_step"] != step:
+        return False
+    attempts[step] = attempts.get(step, 0) + 1
+    return attempts[step] <= inject["nonfinite_repeat"]
+
+
+def _all_finite(flag: bool) -> bool:
+    """True when `flag` is true on every rank (one tiny all-reduce), so all ranks skip together."""
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item() == 1.0)
+
+
+def _weights_finite(engine) -> bool:
+    """Whether this rank's (partition of the) weights is finite, agreed across ranks."""
+    local = all(torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in engine.module.parameters())
+    return _all_finite(bool(local))
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        return float(norm)
+    grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else None
+
+
 def ldm_train_loop(config: dict) -> None:
-    """Ray Train worker loop: epsilon (or v) loss with conditioning dropout, DeepSpeed steps, EMA."""
+    """Ray Train worker loop: epsilon (or v) loss with conditioning dropout, DeepSpeed steps, EMA.
+
+    Resume is exact: a checkpoint holds DeepSpeed's state (weights, optimizer, LR schedule), every
+    rank's RNG state, the EMA and the position in the epoch; on resume each rank skips the batches
+    of the epoch it had already trained on, so with the same data order the per-step losses match
+    an uninterrupted run.
+    """
     import ray.train
 
     ctx = ray.train.get_context()
@@ -133,58 +234,162 @@ def ldm_train_loop(config: dict) -> None:
     schedule = NoiseSchedule(ScheduleConfig(**config["schedule"]))
     null = Conditioning(**{k: torch.tensor(v) for k, v in config["null"].items()})
     null = Conditioning(null.tokens.float(), null.mask.bool(), null.pooled.float())
-    ema = EMA(engine.module, config["ema_decay"]) if rank == 0 else None
-    step, epoch = 0, 0
+    ema = EMA(engine, config["ema_decay"], keep=rank == 0, zero3=config["zero_stage"] == 3)
+    generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    state = {"step": 0, "epoch": 0, "batch": 0, "nonfinite_steps": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            step, epoch = load_checkpoint(engine, ema, directory)
-    generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank + 7919 * step)
-    logger = MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 and config["run_id"] else None
-    progress = ProgressLine("ldm", config["max_steps"], every=config["log_every"], start_step=step)
-    shard = ray.train.get_dataset_shard("train")
+            state.update(load_checkpoint(engine, ema, generator, rank, directory))
+        if rank == 0:
+            print(f"[ldm] resumed from step {state['step']} (epoch {state['epoch']}, batch {state['batch']})", flush=True)
+    logger = None
+    if rank == 0 and config["run_id"]:
+        logger = MetricLogger(config["tracking_uri"], config["run_id"], fallback_path=config.get("unlogged_path"),
+                              system_metrics=True)
+    grids = SampleGrids(config, logger) if rank == 0 and logger else None
+    try:
+        _train(config, engine, scheduler, ema, generator, state, schedule, null, dtype, rank, world, logger, grids)
+    finally:
+        if logger:
+            logger.close()
+
+
+def _train(config, engine, scheduler, ema, generator, state, schedule, null, dtype, rank, world, logger, grids):
+    import ray.train
+
+    progress = ProgressLine("ldm", config["max_steps"], every=config["log_every"], start_step=state["step"])
+    shard = ray.train.get_dataset_shard(config["dataset_name"].format(rank=rank))
     scale = config["latent_scale"]
+    nonfinite_in_a_row, injected = 0, {}
 
     def model_fn(z, t, cond):
         return engine(z.to(dtype), t, cond.to(dtype=dtype)).float()
 
-    while step < config["max_steps"]:
+    def checkpoint(final: bool) -> None:
+        if not _weights_finite(engine):  # never persist a non-finite state
+            raise RuntimeError(f"ldm: non-finite weights at step {state['step']}; not writing a checkpoint")
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(engine, ema, state, generator, rank, tmp)
+            if final and ema.keep:
+                export_unet(config["unet"], ema.shadow, tmp)
+            ray.train.report({"step": state["step"], "loss": last_loss, "nonfinite_steps": state["nonfinite_steps"]},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    last_loss = math.nan
+    while state["step"] < config["max_steps"]:
+        skip = state["batch"]  # batches of this epoch already trained on (after a resume)
         wait_start = time.perf_counter()
-        for batch in latent_batches(shard, config, epoch):
+        for index, batch in enumerate(latent_batches(shard, config, state["epoch"])):
+            if index < skip:
+                wait_start = time.perf_counter()
+                continue
+            state["batch"] = index + 1
             data_wait = time.perf_counter() - wait_start
             step_start = time.perf_counter()
+            _injected_failure(config, rank, state["step"] + 1)
             x0 = batch["latent"].float() * scale
             cond = Conditioning(batch["tokens"].float(), batch["mask"].bool(), batch["pooled"].float())
             cond = drop_to_null(cond, null, config["p_uncond"], generator)
             loss = training_loss(model_fn, schedule, x0, cond, generator=generator)
-            engine.backward(loss)
-            engine.step()
-            if not engine.is_gradient_accumulation_boundary():
+            if _injected_nonfinite(config, rank, state["step"] + 1, injected):
+                loss = loss * math.nan
+            if not _all_finite(bool(torch.isfinite(loss))):
+                # Skip the step on every rank: no backward, no optimizer step, no EMA update.
+                state["nonfinite_steps"] += 1
+                nonfinite_in_a_row += 1
+                if rank == 0:
+                    print(f"[ldm] non-finite loss before step {state['step'] + 1}: step skipped "
+                          f"({nonfinite_in_a_row} in a row, {state['nonfinite_steps']} in all)", flush=True)
+                if nonfinite_in_a_row >= config["max_nonfinite_steps"]:
+                    raise RuntimeError(
+                        f"ldm: {nonfinite_in_a_row} non-finite losses in a row before step {state['step'] + 1} "
+                        f"(ldm.max_nonfinite_steps={config['max_nonfinite_steps']}); stopping. The latest "
+                        f"checkpoint holds the last finite state; lower ldm.lr or check the latents.")
                 wait_start = time.perf_counter()
                 continue
-            step += 1
-            if ema is not None:
-                ema.update(engine.module)
+            nonfinite_in_a_row = 0
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            norm = _grad_norm(engine) if boundary and config["zero_stage"] == 0 else None
+            engine.step()
+            if not boundary:
+                wait_start = time.perf_counter()
+                continue
+            state["step"] += 1
+            step = state["step"]
+            ema.update(engine)
+            last_loss = loss.item()
             if rank == 0:
                 step_time = time.perf_counter() - step_start
-                metrics = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                           "data_wait_frac": data_wait / max(data_wait + step_time, 1e-9)}
-                shown = progress.update(step, len(x0) * world, loss=metrics["loss"], lr=metrics["lr"])
+                norm = norm if norm is not None else engine.get_global_grad_norm()
+                metrics = {"loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                           "data_wait_frac": data_wait / max(data_wait + step_time, 1e-9),
+                           "nonfinite_steps": state["nonfinite_steps"]}
+                if norm is not None:
+                    metrics["grad_norm"] = float(norm)
+                shown = progress.update(step, len(x0) * world * config["grad_accum"], loss=last_loss, lr=metrics["lr"])
                 if logger:
                     logger.log({**metrics, **shown}, step)
-            if step % config["checkpoint_every"] == 0 or step >= config["max_steps"]:
-                with tempfile.TemporaryDirectory() as tmp:
-                    save_checkpoint(engine, ema, step, epoch, tmp)
-                    if step >= config["max_steps"] and ema is not None:
-                        export_unet(config["unet"], ema.shadow, tmp)
-                    ray.train.report({"step": step, "loss": loss.item()},
-                                     checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            if step >= config["max_steps"]:
+                if grids and config["sample_every"] and step % config["sample_every"] == 0 and step < config["max_steps"]:
+                    grids.log(ema.shadow, step)
+            final = step >= config["max_steps"]
+            if step % config["checkpoint_every"] == 0 or final:
+                checkpoint(final)
+            if final:
                 break
             wait_start = time.perf_counter()
-        epoch += 1
-    if logger:
-        logger.close()
+        else:
+            state["epoch"] += 1
+            state["batch"] = 0
+    if grids:
+        grids.log(ema.shadow, state["step"])
+
+
+class SampleGrids:
+    """Rank 0: sample grids of fixed prompts and seeds from the EMA weights, logged to MLflow."""
+
+    def __init__(self, config: dict, logger: MetricLogger):
+        self.config, self.logger = config, logger
+        self.enabled = bool(config.get("grid"))
+
+    def log(self, weights: dict, step: int) -> None:
+        """Never fails the training: a grid that cannot be made or logged is reported and skipped."""
+        if not self.enabled:
+            return
+        try:
+            self._log(weights, step)
+        except Exception as error:  # noqa: BLE001
+            print(f"[ldm] no sample grid for step {step}: {type(error).__name__}: {error}", flush=True)
+
+    @torch.no_grad()
+    def _log(self, weights: dict, step: int) -> None:
+        from pipeline.models.vq import VQModel
+        from pipeline.sampling import guided, randn_per_sample, sample
+
+        grid = self.config["grid"]
+        start = time.perf_counter()
+        unet = UNet(UNetConfig(**self.config["unet"]))
+        unet.load_state_dict(weights)
+        unet.eval()
+        vq, _ = VQModel.load(grid["vq_dir"])
+        cond = Conditioning(torch.tensor(grid["tokens"]).float(), torch.tensor(grid["mask"]).bool(),
+                            torch.tensor(grid["pooled"]).float())
+        null = Conditioning(**{k: torch.tensor(v) for k, v in self.config["null"].items()})
+        null = Conditioning(null.tokens.float(), null.mask.bool(), null.pooled.float())
+        generators = [torch.Generator().manual_seed(grid["seed"] + i) for i in range(len(cond))]
+        x = randn_per_sample((len(cond), *grid["latent_shape"]), generators, torch.device("cpu"), torch.float32)
+        schedule = NoiseSchedule(ScheduleConfig(**self.config["schedule"]))
+        model_fn = guided(unet, cond, null, grid["guidance_scale"])
+        latents = sample("ddim", model_fn, x, schedule, num_steps=grid["steps"], generator=generators)
+        images = vq.decode(latents / self.config["latent_scale"])
+        from torchvision.utils import make_grid
+
+        picture = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=min(8, len(images)), padding=1)
+        array = (picture.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        self.logger.client.log_image(self.logger.run_id, array, artifact_file=f"samples/step_{step:06d}.png")
+        print(f"[ldm] sample grid of step {step} logged to MLflow as samples/step_{step:06d}.png "
+              f"({time.perf_counter() - start:.1f}s)", flush=True)
 
 
 def build_loop_config(cfg: PipelineConfig, latents_dir: Path, run_id: str | None) -> dict:
@@ -223,21 +428,61 @@ def build_loop_config(cfg: PipelineConfig, latents_dir: Path, run_id: str | None
         "tracking_uri": cfg.tracking_uri,
         "run_id": run_id,
         "threads": max(1, int(ldm.cpus_per_worker)),
+        "max_nonfinite_steps": ldm.max_nonfinite_steps,
+        "sample_every": ldm.sample_every,
+        "grid": grid_config(cfg, meta) if run_id else None,
+        "inject": injected_faults(),
     }
 
 
+def grid_config(cfg: PipelineConfig, meta: dict) -> dict | None:
+    """What rank 0 needs for in-training sample grids: the prompts' encodings, the VQ decoder."""
+    from pipeline.models.text import TextEncoder
+
+    prompts = list(cfg.samples.prompts)[:16]
+    if not prompts or not meta.get("clip_dir") or not meta.get("vq_dir"):
+        return None
+    cond = TextEncoder.load(meta["clip_dir"]).encode(prompts)
+    return {"tokens": cond.tokens.tolist(), "mask": cond.mask.tolist(), "pooled": cond.pooled.tolist(),
+            "vq_dir": meta["vq_dir"], "latent_shape": meta["latent_shape"], "seed": cfg.samples.seed,
+            "guidance_scale": cfg.samples.guidance_scale, "steps": cfg.ldm.sample_grid_steps}
+
+
 def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str | None, name: str) -> dict:
-    """Train the UNet on the latent dataset; writes the EMA UNet into `out_dir`."""
+    """Train the UNet on the latent dataset; writes the EMA UNet into `out_dir`.
+
+    Re-running with the same `name` and storage resumes from the run's latest checkpoint.
+    By default (`ldm.stream_latents=False`) the latents are materialised in order and split into one
+    fixed part per worker, so every run sees the same data order and resume is exact; streaming
+    uses Ray Data's dynamic split (scales to latent sets larger than the object store, and resumes
+    at the right step, but the batches after a resume are not the same as without the failure).
+    """
     loop_config = build_loop_config(cfg, latents_dir, run_id)
-    ds = ray.data.read_parquet(str(latents_dir / "data")).select_columns(LATENT_COLUMNS)
-    if not cfg.ldm.stream_latents:
-        ds = ds.materialize()
+    workers = cfg.ldm.num_workers
+    if cfg.ldm.stream_latents:
+        ds = ray.data.read_parquet(str(latents_dir / "data")).select_columns(LATENT_COLUMNS)
+        datasets, split = {"train": ds}, True
+        loop_config["dataset_name"] = "train"
+    else:
+        # A Dataset copies the DataContext when it is created: order is preserved from the read on.
+        ctx = ray.data.DataContext.get_current()
+        order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+        try:
+            ds = ray.data.read_parquet(str(latents_dir / "data")).select_columns(LATENT_COLUMNS)
+            parts = ds.materialize().split(workers, equal=True)
+        finally:
+            ctx.execution_options.preserve_order = order
+        datasets, split = {f"train_{rank}": part for rank, part in enumerate(parts)}, False
+        loop_config["dataset_name"] = "train_{rank}"
     storage = cfg.ldm.storage_path or str(Path(cfg.workdir).resolve() / "ray_results")
+    if "://" not in storage:
+        loop_config["fail_marker"] = str(Path(storage) / name / "injected_failure")
+        loop_config["unlogged_path"] = str(Path(storage) / name / "unlogged_metrics.jsonl")
     start = time.perf_counter()
     result = fit(
-        ldm_train_loop, loop_config, name=name, storage_path=storage, num_workers=cfg.ldm.num_workers,
-        use_gpu=cfg.ldm.use_gpu, datasets={"train": ds}, cpus_per_worker=cfg.ldm.cpus_per_worker,
-        max_failures=cfg.ldm.max_failures, num_to_keep=cfg.ldm.keep_checkpoints,
+        ldm_train_loop, loop_config, name=name, storage_path=storage, num_workers=workers,
+        use_gpu=cfg.ldm.use_gpu, datasets=datasets, cpus_per_worker=cfg.ldm.cpus_per_worker,
+        max_failures=cfg.ldm.max_failures, num_to_keep=cfg.ldm.keep_checkpoints, split_datasets=split,
     )
     seconds = time.perf_counter() - start
     if result.checkpoint is None:
@@ -247,7 +492,11 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
             if not (Path(directory) / name_).is_file():
                 raise RuntimeError(f"final ldm checkpoint {result.checkpoint.path} has no {name_}")
             (out_dir / name_).write_bytes((Path(directory) / name_).read_bytes())
-    reported = result.metrics or {}
-    images = cfg.ldm.max_steps * cfg.ldm.batch_size * cfg.ldm.grad_accum * cfg.ldm.num_workers
-    return {"final_loss": float(reported.get("loss", math.nan)), "train_img_per_s": images / seconds,
+        progress = json.loads((Path(directory) / "progress.json").read_text())
+    ldm = cfg.ldm
+    global_batch = ldm.batch_size * ldm.grad_accum * workers
+    return {"final_loss": float((result.metrics or {}).get("loss", math.nan)),
+            "train_img_per_s": ldm.max_steps * global_batch / seconds,
+            "global_batch": global_batch,
+            "nonfinite_steps": int(progress.get("nonfinite_steps", 0)),
             "params": sum(v.numel() for v in load_file(str(out_dir / "unet.safetensors")).values())}

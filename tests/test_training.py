@@ -1,0 +1,200 @@
+"""The ldm stage under failure, through the real components: Ray Train + DeepSpeed (gloo, 2 CPU
+workers) on a tiny latent dataset written by Ray Data, metrics in a real MLflow store.
+
+- a run that fails at step 5 and resumes logs exactly the losses of an uninterrupted run;
+- ZeRO-3 resumes too, and its EMA (gathered across ranks) matches the ZeRO-0 run's;
+- ZeRO-2 resumes, and a non-finite loss skips its step and is counted;
+- too many non-finite losses in a row stop the run with a clear error;
+- a tracking server that goes away does not stop training; its metrics are kept and replayable.
+"""
+
+import json
+import math
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import load_config
+from pipeline.stages.ldm import run_ldm
+from pipeline.tracking import replay_metrics, setup_experiment
+
+ROWS, LATENT, CONTEXT, WIDTH = 48, (4, 8, 8), 8, 32
+STEPS, BATCH, CHECKPOINT_EVERY = 8, 4, 3  # 48 rows / (2 workers x 4) = 6 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def latents_dir(ray_session, tmp_path_factory) -> Path:
+    """A latent dataset as the encode stage writes it: Parquet rows, metadata, null condition."""
+    out = tmp_path_factory.mktemp("latents")
+    rng = np.random.default_rng(0)
+    mask = np.zeros((ROWS, CONTEXT), dtype=bool)
+    mask[:, : CONTEXT // 2] = True
+    rows = [{"key": f"{i:04d}", "caption": f"caption {i}",
+             "latent": rng.standard_normal(LATENT).astype(np.float16),
+             "tokens": rng.standard_normal((CONTEXT, WIDTH)).astype(np.float16),
+             "mask": mask[i], "pooled": rng.standard_normal(WIDTH).astype(np.float16)} for i in range(ROWS)]
+    ray.data.from_items(rows).repartition(3).write_parquet(str(out / "data"))
+    save_file({"tokens": torch.zeros(1, CONTEXT, WIDTH), "mask": torch.tensor(mask[:1]), "pooled": torch.zeros(1, WIDTH)},
+              str(out / "null_condition.safetensors"))
+    (out / "metadata.json").write_text(json.dumps({
+        "latent_shape": list(LATENT), "context_length": CONTEXT, "token_dim": WIDTH, "pooled_dim": WIDTH,
+        "latent_scale": 1.0, "samples": ROWS, "image_size": 32}))
+    return out
+
+
+def train(workdir: Path, latents_dir: Path, name: str, *overrides: str, tracking_uri: str = "",
+          fresh_output: bool = True) -> tuple[dict, str, Path]:
+    """run_ldm on a fresh MLflow run; returns (result, run id, output directory)."""
+    cfg = load_config(None, [
+        f"workdir={workdir}", f"ldm.max_steps={STEPS}", f"ldm.batch_size={BATCH}",
+        f"ldm.checkpoint_every={CHECKPOINT_EVERY}", "ldm.log_every=1", "ldm.warmup_steps=2", "ldm.lr=3e-3",
+        "ldm.keep_checkpoints=2", *([f"mlflow.tracking_uri={tracking_uri}"] if tracking_uri else []), *overrides,
+    ])
+    setup_experiment(cfg.tracking_uri, "training-tests", workdir)
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+    out = workdir / name
+    out.mkdir(parents=True, exist_ok=not fresh_output)
+    return run_ldm(cfg, latents_dir, out, run_id, name=name), run_id, out
+
+
+def losses(tracking_uri: str, run_id: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in MlflowClient(tracking_uri).get_metric_history(run_id, "loss")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(latents_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result, run_id, out = train(workdir, latents_dir, "ldm-a")
+    uri = f"sqlite:///{workdir.resolve()}/mlflow.db"
+    return {"result": result, "losses": dict(losses(uri, run_id)), "unet": load_file(str(out / "unet.safetensors"))}
+
+
+def test_failure_at_step_5_resumes_with_the_same_per_step_losses(uninterrupted, latents_dir, tmp_path, monkeypatch):
+    reference = uninterrupted["losses"]
+    assert sorted(reference) == list(range(1, STEPS + 1))
+    assert all(math.isfinite(v) for v in reference.values())
+    monkeypatch.setenv("LDM_FAIL_AT_STEP", "5")
+    result, run_id, out = train(tmp_path, latents_dir, "ldm-b", "ldm.max_failures=1")
+    logged = losses(f"sqlite:///{tmp_path.resolve()}/mlflow.db", run_id)
+    # Steps 1-4 ran before the failure; the run resumed from the step-3 checkpoint, so step 4 was
+    # trained (and logged) twice. Every logged value equals the uninterrupted run's at that step.
+    assert sorted({step for step, _ in logged}) == list(range(1, STEPS + 1))
+    assert [step for step, _ in logged].count(4) == 2
+    for step, value in logged:
+        assert value == reference[step], f"step {step}: {value} != {reference[step]}"
+    assert (tmp_path / "ray_results" / "ldm-b" / "injected_failure").read_text() == "5"
+    unet = load_file(str(out / "unet.safetensors"))
+    assert all(torch.equal(unet[k], uninterrupted["unet"][k]) for k in unet)
+
+
+def test_a_failed_job_run_again_with_the_same_workdir_resumes(uninterrupted, latents_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_FAIL_AT_STEP", "5")
+    with pytest.raises(Exception, match="injected failure"):  # max_failures=0: the job fails
+        train(tmp_path, latents_dir, "ldm-rerun")
+    monkeypatch.delenv("LDM_FAIL_AT_STEP")
+    result, run_id, out = train(tmp_path, latents_dir, "ldm-rerun", fresh_output=False)
+    logged = losses(f"sqlite:///{tmp_path.resolve()}/mlflow.db", run_id)
+    # the second job started from the step-3 checkpoint, not from scratch
+    assert sorted(step for step, _ in logged) == list(range(4, STEPS + 1))
+    for step, value in logged:
+        assert value == uninterrupted["losses"][step], step
+    unet = load_file(str(out / "unet.safetensors"))
+    assert all(torch.equal(unet[k], uninterrupted["unet"][k]) for k in unet)
+
+
+def test_zero3_resumes_and_its_ema_matches_zero0(uninterrupted, latents_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_FAIL_AT_STEP", "5")
+    result, run_id, out = train(tmp_path, latents_dir, "ldm-z3", "ldm.zero_stage=3", "ldm.max_failures=1")
+    assert (tmp_path / "ray_results" / "ldm-z3" / "injected_failure").is_file()
+    unet = load_file(str(out / "unet.safetensors"))
+    reference = uninterrupted["unet"]
+    assert set(unet) == set(reference)
+    for name, value in unet.items():  # the full tensors, not rank 0's partition
+        assert value.shape == reference[name].shape, name
+        torch.testing.assert_close(value, reference[name], rtol=1e-3, atol=1e-5, msg=name)
+    logged = dict(losses(f"sqlite:///{tmp_path.resolve()}/mlflow.db", run_id))
+    for step in range(1, STEPS + 1):
+        assert logged[step] == pytest.approx(uninterrupted["losses"][step], rel=1e-3), step
+
+
+def test_zero2_skips_and_counts_a_nonfinite_loss_and_resumes(latents_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_NONFINITE_AT_STEP", "2")
+    monkeypatch.setenv("LDM_NONFINITE_REPEAT", "2")
+    monkeypatch.setenv("LDM_FAIL_AT_STEP", "5")
+    result, run_id, out = train(tmp_path, latents_dir, "ldm-z2", "ldm.zero_stage=2", "ldm.max_failures=1")
+    assert result["nonfinite_steps"] == 2
+    client = MlflowClient(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
+    logged = losses(client.tracking_uri, run_id)
+    assert sorted({step for step, _ in logged}) == list(range(1, STEPS + 1))
+    assert all(math.isfinite(v) for _, v in logged)
+    assert max(m.value for m in client.get_metric_history(run_id, "nonfinite_steps")) == 2
+    assert all(torch.isfinite(v).all() for v in load_file(str(out / "unet.safetensors")).values())
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run_with_a_clear_error(latents_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_NONFINITE_AT_STEP", "2")
+    monkeypatch.setenv("LDM_NONFINITE_REPEAT", "5")
+    with pytest.raises(Exception, match=r"3 non-finite losses in a row before step 2 \(ldm.max_nonfinite_steps=3\)"):
+        train(tmp_path, latents_dir, "ldm-nan", "ldm.max_nonfinite_steps=3")
+    assert not (tmp_path / "ldm-nan" / "unet.safetensors").exists()
+
+
+def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--default-artifact-root", str(store / "art"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    raise RuntimeError("mlflow server did not start")
+
+
+def test_training_survives_a_tracking_outage_and_keeps_the_metrics(latents_dir, tmp_path, free_port):
+    store = tmp_path / "server"
+    store.mkdir()
+    uri = f"http://127.0.0.1:{free_port}"
+    server = start_mlflow_server(store, free_port)
+    try:
+        cfg_workdir = tmp_path / "work"
+        cfg_workdir.mkdir()
+        setup_experiment(uri, "training-tests", cfg_workdir)
+        with mlflow.start_run() as run:
+            run_id = run.info.run_id
+    finally:
+        server.terminate()  # the server goes away after the run was created, before any metric
+        server.wait(timeout=30)
+    cfg = load_config(None, [
+        f"workdir={cfg_workdir}", f"mlflow.tracking_uri={uri}", "ldm.max_steps=4", f"ldm.batch_size={BATCH}",
+        "ldm.checkpoint_every=2", "ldm.log_every=1"])
+    out = cfg_workdir / "ldm-outage"
+    out.mkdir()
+    result = run_ldm(cfg, latents_dir, out, run_id, name="ldm-outage")
+    assert (out / "unet.safetensors").is_file() and math.isfinite(result["final_loss"])
+    kept = cfg_workdir / "ray_results" / "ldm-outage" / "unlogged_metrics.jsonl"
+    records = [json.loads(line) for line in kept.read_text().splitlines()]
+    assert sorted({r["step"] for r in records if r["key"] == "loss"}) == [1, 2, 3, 4]
+    server = start_mlflow_server(store, free_port)  # back up: the kept metrics can be sent
+    try:
+        assert replay_metrics(uri, kept) == len(records)
+        assert sorted(step for step, _ in losses(uri, run_id)) == [1, 2, 3, 4]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
