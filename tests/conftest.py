@@ -19,6 +19,17 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny ops on a shared 2-core box run 10-50x slower with spinning OpenMP threads; restored after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture()
 def free_port() -> int:
     with socket.socket() as s:

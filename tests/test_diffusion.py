@@ -17,13 +17,7 @@ from pipeline.diffusion import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny ops on a shared 2-core box run 10-50x slower with spinning OpenMP threads; restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _t(*values):

@@ -14,13 +14,7 @@ F64 = torch.float64
 SMALL = dict(base_channels=16, channel_mult=[1, 2], attention_levels=[1], num_heads=2, norm_groups=4, context_dim=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny ops on a shared 2-core box run 10-50x slower with spinning OpenMP threads; restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def randomized(model: UNet, seed: int = 0) -> UNet:
