@@ -23,7 +23,7 @@ from pipeline.benchmarks.serve import (
     start_app,
     write_untrained_package,
 )
-from pipeline.serve import MAX_PROMPT_CHARS, Batcher, RequestError, validate
+from pipeline.serve import MAX_PROMPT_CHARS, RequestError, validate
 
 STEPS = 4
 
@@ -58,33 +58,6 @@ def test_validate_unit():
     with pytest.raises(RequestError) as err:
         validate({"prompt": "x", "steps": 500}, defaults, max_steps=100)
     assert err.value.field == "steps"
-
-
-def test_batcher_merges_what_queues_while_a_batch_runs():
-    sizes = []
-
-    async def run(items):
-        sizes.append(len(items))
-        if -1 in items:
-            raise RuntimeError("boom")
-        await asyncio.sleep(0.2)
-        return [i * 2 for i in items]
-
-    async def main():
-        batcher = Batcher(run, max_batch_size=8, wait_s=0.02)
-
-        async def client(i):
-            await asyncio.sleep(i * 0.01)  # staggered arrivals, as answers come back one by one
-            return await batcher.submit(i)
-
-        results = await asyncio.gather(*[client(i) for i in range(20)])
-        with pytest.raises(RuntimeError, match="boom"):
-            await batcher.submit(-1)
-        return results, await batcher.submit(3)
-
-    results, after = asyncio.run(main())
-    assert results == [i * 2 for i in range(20)] and after == 6
-    assert max(sizes) == 8 and len(sizes) <= 6  # not 20 batches of one
 
 
 def test_fixed_batch_makes_latents_batch_invariant(package):
@@ -171,6 +144,33 @@ def test_metrics_move(served):
     with urllib.request.urlopen(f"{base_url}/metrics?format=prometheus", timeout=30) as resp:
         text = resp.read().decode()
     assert 'ldm_requests_total{outcome="ok"}' in text and "ldm_mean_batch_size" in text
+
+
+def test_batches_hold_what_queued_while_the_sampler_ran(served):
+    """8 clients, each sending its next request a random moment after its answer came: the next
+    batch must hold what arrived while the sampler ran (plain @serve.batch made a batch of each wait
+    window's arrivals behind the busy sampler: mean 1.55 requests at concurrency 16)."""
+    import random
+    import time
+
+    base_url, _ = served
+    _, before = get_json(base_url, "/metrics")
+
+    def client(i):
+        pause = random.Random(i)
+        statuses = []
+        for j in range(4):
+            time.sleep(pause.uniform(0.0, 0.4))
+            statuses.append(_generate(base_url, prompt=f"a blue square {i} {j}", seed=j, steps=5 * STEPS)[0])
+        return statuses
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = [s for answers in pool.map(client, range(8)) for s in answers]
+    assert statuses == [200] * 32
+    _, after = get_json(base_url, "/metrics")
+    batches = after["sampler"]["batches"] - before["sampler"]["batches"]
+    images = after["sampler"]["images"] - before["sampler"]["images"]
+    assert images == 32 and images / batches >= 4, (images, batches)
 
 
 def test_short_load_run(served):
