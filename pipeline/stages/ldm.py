@@ -9,6 +9,7 @@ resumes from the latest. The stage's output is the EMA UNet (`unet.json` + `unet
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -83,26 +84,18 @@ class EMA:
             if keep:
                 self.shadow = {k: v.detach().float().clone() for k, v in weights.items()}
 
+    @contextlib.contextmanager
     def _full_weights(self, engine):
-        import contextlib
-
+        """The module's full weights by name; under ZeRO-3 gathered on every rank for the block."""
         module = engine.module
         weights = {**dict(module.named_parameters()), **dict(module.named_buffers())}
         if not self.zero3:
-            return contextlib.nullcontext(weights)
+            yield weights
+            return
         import deepspeed
 
-        gathered = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-
-        class _Gathered:
-            def __enter__(self_inner):
-                gathered.__enter__()
-                return weights
-
-            def __exit__(self_inner, *exc):
-                return gathered.__exit__(*exc)
-
-        return _Gathered()
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield weights
 
     @torch.no_grad()
     def update(self, engine) -> None:
@@ -216,6 +209,13 @@ def _grad_norm(engine) -> float | None:
     return float(torch.stack(grads).norm()) if grads else None
 
 
+def null_condition(config: dict) -> Conditioning:
+    """The null condition of classifier-free guidance, as carried in the loop config (plain lists)."""
+    null = config["null"]
+    return Conditioning(torch.tensor(null["tokens"]).float(), torch.tensor(null["mask"]).bool(),
+                        torch.tensor(null["pooled"]).float())
+
+
 def ldm_train_loop(config: dict) -> None:
     """Ray Train worker loop: epsilon (or v) loss with conditioning dropout, DeepSpeed steps, EMA.
 
@@ -232,8 +232,7 @@ def ldm_train_loop(config: dict) -> None:
     engine, scheduler = setup_model_and_optimizer(config, world)
     dtype = DTYPES[config["precision"]]
     schedule = NoiseSchedule(ScheduleConfig(**config["schedule"]))
-    null = Conditioning(**{k: torch.tensor(v) for k, v in config["null"].items()})
-    null = Conditioning(null.tokens.float(), null.mask.bool(), null.pooled.float())
+    null = null_condition(config)
     ema = EMA(engine, config["ema_decay"], keep=rank == 0, zero3=config["zero_stage"] == 3)
     generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
     state = {"step": 0, "epoch": 0, "batch": 0, "nonfinite_steps": 0}
@@ -352,6 +351,7 @@ class SampleGrids:
     def __init__(self, config: dict, logger: MetricLogger):
         self.config, self.logger = config, logger
         self.enabled = bool(config.get("grid"))
+        self.vq = self.unet = None  # built at the first grid, reused after
 
     def log(self, weights: dict, step: int) -> None:
         """Never fails the training: a grid that cannot be made or logged is reported and skipped."""
@@ -369,20 +369,20 @@ class SampleGrids:
 
         grid = self.config["grid"]
         start = time.perf_counter()
-        unet = UNet(UNetConfig(**self.config["unet"]))
+        if self.vq is None:
+            self.vq = VQModel.load(grid["vq_dir"])[0]
+            self.unet = UNet(UNetConfig(**self.config["unet"])).eval()
+        unet = self.unet
         unet.load_state_dict(weights)
-        unet.eval()
-        vq, _ = VQModel.load(grid["vq_dir"])
         cond = Conditioning(torch.tensor(grid["tokens"]).float(), torch.tensor(grid["mask"]).bool(),
                             torch.tensor(grid["pooled"]).float())
-        null = Conditioning(**{k: torch.tensor(v) for k, v in self.config["null"].items()})
-        null = Conditioning(null.tokens.float(), null.mask.bool(), null.pooled.float())
+        null = null_condition(self.config)
         generators = [torch.Generator().manual_seed(grid["seed"] + i) for i in range(len(cond))]
         x = randn_per_sample((len(cond), *grid["latent_shape"]), generators, torch.device("cpu"), torch.float32)
         schedule = NoiseSchedule(ScheduleConfig(**self.config["schedule"]))
         model_fn = guided(unet, cond, null, grid["guidance_scale"])
         latents = sample("ddim", model_fn, x, schedule, num_steps=grid["steps"], generator=generators)
-        images = vq.decode(latents / self.config["latent_scale"])
+        images = self.vq.decode(latents / self.config["latent_scale"])
         from torchvision.utils import make_grid
 
         picture = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=min(8, len(images)), padding=1)
