@@ -75,7 +75,8 @@ class MLflowConfig:
 @dataclass
 class VQConfig:
     pretrained: str = ""
-    """A VQ model directory (model.json + safetensors) to load instead of training one."""
+    """A VQ model directory (model.json + safetensors) or a registered VQ's URI
+    (models:/<name>-vq/<version>) to load instead of training one."""
     downsample: int = 4
     """Spatial downsampling factor of the encoder: 4 or 8."""
     hidden_channels: int = 32
@@ -83,9 +84,13 @@ class VQConfig:
     codebook_size: int = 256
     commitment_weight: float = 0.25
     """Weight of the commitment loss (van den Oord et al. 2017 use 0.25)."""
-    max_steps: int = 400
+    max_steps: int = 1600
+    """On the demo (offline, batch 32, cosine): held-out PSNR 23.6 dB after 400 steps, 29.6 after
+    1200, 30.9 after 1600; at 400 the decoded colours are visibly off, and so are the samples'."""
     batch_size: int = 32
     lr: float = 2e-3
+    warmup_steps: int = 20
+    """Linear LR warmup, then cosine decay to zero at max_steps."""
     max_train_images: int = 50_000
     """Training images materialised in the object store for the vq fit (a subset on large data)."""
     num_workers: int = 1
@@ -96,6 +101,8 @@ class VQConfig:
         if self.downsample not in (4, 8):
             raise ConfigError(f"vq.downsample must be 4 or 8, got {self.downsample}")
         _positive("vq", max_steps=self.max_steps, batch_size=self.batch_size, num_workers=self.num_workers)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"vq.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -103,15 +110,21 @@ class ClipConfig:
     model: str = "tiny"
     """'tiny' (this project's small CLIP, trained here) or any open_clip model name."""
     pretrained: str = ""
-    """open_clip pretrained tag or a local checkpoint file; set it to skip training."""
+    """Set it to skip training: an open_clip pretrained tag, a local checkpoint file (safetensors or
+    a torch state dict, loaded with weights_only=True), a text encoder directory saved by the clip
+    stage, or a registered encoder's URI (models:/<name>-clip/<version>)."""
     context_length: int = 16
     """Text tokens per caption (tiny model only; pretrained models bring their own)."""
     width: int = 128
     """Text and vision transformer width of the tiny model."""
     layers: int = 2
-    max_steps: int = 100
+    max_steps: int = 250
+    """Contrastive steps. On the demo, 100 left the text features worse for conditioning than
+    random ones (retrieval of the right shape/colour/position 0.17); 250 learn it (1.0)."""
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
+    warmup_steps: int = 25
+    """Linear LR warmup, then cosine decay to zero at max_steps."""
     max_train_images: int = 50_000
     """Training samples materialised in the object store for the clip fit."""
     num_workers: int = 1
@@ -120,6 +133,8 @@ class ClipConfig:
 
     def __post_init__(self):
         _positive("clip", max_steps=self.max_steps, batch_size=self.batch_size, num_workers=self.num_workers)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"clip.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass

@@ -55,28 +55,33 @@ def write_package(out_dir: Path, unet_dir: Path, vq_dir: Path, clip_dir: Path, l
     }, indent=2))
 
 
-def find_package_dir(path: Path) -> Path:
-    """The pipeline directory in `path`: itself, or inside an MLflow model's artefacts."""
+def find_package_dir(path: Path, required: tuple[str, ...] = ("model.json", "unet.safetensors")) -> Path:
+    """The model directory in `path`: itself, or inside an MLflow model's artefacts."""
     for candidate in (path, *sorted((path / "artifacts").glob("*"))):
-        if (candidate / "model.json").is_file() and (candidate / "unet.safetensors").is_file():
+        if all((candidate / name).is_file() for name in required):
             return candidate
-    raise FileNotFoundError(f"no pipeline model (model.json + unet.safetensors) in {path}")
+    raise FileNotFoundError(f"no model ({' + '.join(required)}) in {path}")
 
 
-def resolve_model_uri(model_uri: str, tracking_uri: str | None = None) -> Path:
-    """A local directory as is; an MLflow URI (models:/..., runs:/...) downloaded, then located."""
+def resolve_model_uri(model_uri: str, tracking_uri: str | None = None,
+                      required: tuple[str, ...] = ("model.json", "unet.safetensors")) -> Path:
+    """A local directory as is; an MLflow URI (models:/..., runs:/...) downloaded, then located.
+
+    The model directory is the first of the directory itself and its MLflow artefacts that holds
+    every file in `required` (default: a pipeline model's).
+    """
     local = Path(model_uri)
     if "://" not in model_uri and not model_uri.startswith(("models:", "runs:")):
         if not local.exists():
             raise FileNotFoundError(f"model directory not found: {model_uri}")
-        return find_package_dir(local)
+        return find_package_dir(local, required)
     import mlflow
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
     downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    return find_package_dir(downloaded)
+    return find_package_dir(downloaded, required)
 
 
 @dataclass

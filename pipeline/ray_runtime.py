@@ -6,6 +6,7 @@ joins it; otherwise it starts a local Ray instance with this machine's CPUs.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -14,6 +15,7 @@ from typing import Callable
 
 import ray
 import ray.train
+import torch
 from ray.data.dataset import MaterializedDataset
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -99,6 +101,7 @@ def fit_small_model(train_loop: Callable[[dict], None], model_config: dict, sect
         **model_config,
         "seed": seed,
         "lr": section.lr,
+        "warmup_steps": section.warmup_steps,
         "batch_size": section.batch_size,
         "max_steps": section.max_steps,
         "tracking_uri": tracking_uri,
@@ -112,6 +115,18 @@ def fit_small_model(train_loop: Callable[[dict], None], model_config: dict, sect
         cpus_per_worker=section.cpus_per_worker,
     )
     copy_checkpoint(result, out_dir)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warmup over `warmup_steps`, then cosine decay to zero at `total_steps` (step per batch)."""
+
+    def factor(step: int) -> float:  # step = optimizer steps taken so far
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def batches_until(shard, batch_size: int, max_steps: int):

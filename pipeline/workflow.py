@@ -102,9 +102,9 @@ class Workflow:
         from pipeline.stages.vq import run_vq
 
         vq = self.stage("vq", content_key("vq", to_yaml(cfg.vq), data_key),
-                        lambda out, run_id: run_vq(cfg, shards, out, run_id))
+                        lambda out, run_id: self.register("vq", out, run_vq(cfg, shards, out, run_id)))
         clip = self.stage("clip", content_key("clip", to_yaml(cfg.clip), data_key),
-                          lambda out, run_id: run_clip(cfg, shards, out, run_id))
+                          lambda out, run_id: self.register("clip", out, run_clip(cfg, shards, out, run_id)))
         encoders = content_key(dir_digest(vq.output), dir_digest(clip.output))
         encode = self.stage(
             "encode", content_key("encode", to_yaml(cfg.encode), listing, str(cfg.data.image_size), encoders,
@@ -119,6 +119,8 @@ class Workflow:
         mlflow.log_artifact(str(samples.output / "grid.png"), "samples")
         summary = {
             "model_uri": registered["model_uri"],
+            **{f"{kind}_model_uri": json.loads((result.output / "registered.json").read_text())["model_uri"]
+               for kind, result in (("vq", vq), ("clip", clip)) if (result.output / "registered.json").is_file()},
             "tracking_uri": cfg.tracking_uri,
             "mlflow_run_id": parent.info.run_id,
             "mlflow_experiment_id": parent.info.experiment_id,
@@ -130,6 +132,17 @@ class Workflow:
         path = self.workdir / "summary.json"
         path.write_text(json.dumps(summary, indent=2))
         return summary
+
+    def register(self, kind: str, out: Path, metrics: dict) -> dict:
+        """Log a first-stage model (and the VQ's reconstruction grid) to the stage's MLflow run and
+        register it as <registered_model_name>-<kind> (pipeline.components)."""
+        from pipeline.components import log_component
+
+        if (out / "recon.png").is_file():
+            mlflow.log_artifact(str(out / "recon.png"), "recon")
+        registered = log_component(kind, out, self.cfg.mlflow.registered_model_name, self.cfg.mlflow.alias)
+        print(f"[{kind}] registered as {registered['model_uri']}", flush=True)
+        return {**metrics, "model_version": registered["version"]}
 
     def shards(self) -> list[str]:
         """The user's shards, or the embedded demo's, generated as the (cached) shards stage."""

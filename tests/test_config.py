@@ -37,6 +37,7 @@ def test_defaults_are_the_demo_and_overrides_apply():
     ("vq.downsample=3", "vq.downsample"),
     ("ldm.schedule.beta_schedule=wavy", "beta_schedule"),
     ("data.image_size=2", "data.image_size"),
+    ("clip.warmup_steps=-1", "clip.warmup_steps"),
     ("ldm.max_steps", "key=value"),
 ])
 def test_bad_overrides_name_the_key(override, named):
@@ -68,3 +69,20 @@ def test_job_rejects_a_bad_key_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "ldm.max_stepz" in proc.stderr
     assert not workdir.exists()  # nothing started
+
+
+def test_first_stage_lr_warms_up_then_decays_to_zero():
+    import torch
+
+    from pipeline.ray_runtime import warmup_cosine
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    scheduler = warmup_cosine(optimizer, warmup_steps=4, total_steps=12)
+    lrs = []
+    for _ in range(12):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == [0.5, 1.0, 1.5, 2.0]  # the first step already trains, at lr / warmup
+    assert lrs[4] == 2.0 and all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.2
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)

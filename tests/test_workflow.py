@@ -53,7 +53,8 @@ def test_summary_names_every_stage_with_status_time_and_metrics(demo_run):
         assert isinstance(stage["metrics"], dict)
     assert summary["stages"]["encode"]["metrics"]["samples"] == 192
     assert {"psnr", "codebook_usage", "latent_scale"} <= set(summary["stages"]["vq"]["metrics"])
-    assert "retrieval_top1" in summary["stages"]["clip"]["metrics"]
+    clip = summary["stages"]["clip"]["metrics"]  # demo captions: an exact and a same-content figure
+    assert 0.0 <= clip["retrieval_top1"] <= clip["retrieval_top1_content"] <= 1.0
     samples = summary["stages"]["samples"]["metrics"]
     for scale in ("g1", "g3"):  # judged from pixels on 12 demo prompts per guidance scale
         assert samples[f"adherence_{scale}_images"] == 12
@@ -102,6 +103,75 @@ def test_mlflow_has_a_parent_run_a_child_per_stage_and_the_registered_model(demo
     assert client.get_model_version_by_alias(name, cfg.mlflow.alias).version == model_version.version
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "samples")]
     assert "samples/grid.png" in artifacts
+
+
+def test_vq_and_clip_are_registered_and_reload_by_uri(demo_run):
+    import base64
+    import io
+
+    import mlflow
+    import pandas as pd
+    import torch
+
+    from pipeline.components import load_text_encoder, load_vq
+    from pipeline.models.text import TextEncoder
+    from pipeline.models.vq import VQModel
+
+    cfg, _, summary = demo_run
+    client = MlflowClient(summary["tracking_uri"])
+    stages = summary["stages"]
+    vq, meta = load_vq(summary["vq_model_uri"], cfg.tracking_uri)
+    local_vq, local_meta = VQModel.load(stages["vq"]["output"])
+    assert meta["latent_scale"] == local_meta["latent_scale"] == stages["vq"]["metrics"]["latent_scale"]
+    assert all(torch.equal(a, b) for a, b in zip(vq.state_dict().values(), local_vq.state_dict().values()))
+    name = f"{cfg.mlflow.registered_model_name}-clip"  # the alias resolves to the same version
+    assert summary["clip_model_uri"] == f"models:/{name}/{client.get_model_version_by_alias(name, cfg.mlflow.alias).version}"
+    text = load_text_encoder(f"models:/{name}@{cfg.mlflow.alias}", cfg.tracking_uri)
+    expected = TextEncoder.load(stages["clip"]["output"]).encode(PROMPTS).pooled
+    assert torch.equal(text.encode(PROMPTS).pooled, expected)
+    # the pyfunc faces: captions -> pooled embeddings; PNGs -> reconstructions of the same size
+    embeddings = mlflow.pyfunc.load_model(summary["clip_model_uri"]).predict(pd.DataFrame({"caption": PROMPTS}))
+    assert torch.allclose(torch.tensor(embeddings), expected, atol=1e-6)
+    first = Path(summary["samples_dir"], "manifest.jsonl").read_text().splitlines()[0]
+    png = Path(summary["samples_dir"], json.loads(first)["file"])
+    recon = mlflow.pyfunc.load_model(summary["vq_model_uri"]).predict(
+        pd.DataFrame({"image": [base64.b64encode(png.read_bytes()).decode()]}))
+    assert Image.open(io.BytesIO(base64.b64decode(recon[0]))).size == Image.open(png).size
+    # the reconstruction grid is on the vq stage's run
+    vq_run = client.get_run(json.loads((Path(stages["vq"]["output"]) / "registered.json").read_text())["run_id"])
+    assert [a.path for a in client.list_artifacts(vq_run.info.run_id, "recon")] == ["recon/recon.png"]
+
+
+def test_pretrained_clip_file_and_registered_vq_are_loaded_not_trained(demo_run, tmp_path):
+    """clip.pretrained: a checkpoint file this test saved (torch state dict, weights_only load);
+    vq.pretrained: the VQ registered by the run, by URI. Neither stage trains."""
+    import torch
+
+    from pipeline.data.shards import resolve_shards
+    from pipeline.models.text import TextEncoder, build_text_encoder
+    from pipeline.models.vq import VQModel
+    from pipeline.stages.clip import encoder_spec, run_clip
+    from pipeline.stages.vq import run_vq
+
+    cfg, _, summary = demo_run
+    shards = resolve_shards(summary["stages"]["shards"]["output"])
+    torch.manual_seed(123)
+    saved = build_text_encoder(encoder_spec(cfg)).clip.state_dict()
+    torch.save(saved, tmp_path / "clip.pt")
+    pretrained = load_config(None, [f"workdir={cfg.workdir}", f"clip.pretrained={tmp_path / 'clip.pt'}",
+                                    f"vq.pretrained={summary['vq_model_uri']}", "data.demo_num_samples=192",
+                                    "data.demo_shard_size=64"])
+    metrics = run_clip(pretrained, shards, tmp_path / "clip", None)
+    assert 0.0 <= metrics["retrieval_top1"] <= 1.0
+    loaded = TextEncoder.load(tmp_path / "clip").clip.state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    run_vq(pretrained, shards, tmp_path / "vq", None)
+    registered, _ = VQModel.load(summary["stages"]["vq"]["output"])
+    loaded_vq, _ = VQModel.load(tmp_path / "vq")
+    assert all(torch.equal(a, b) for a, b in zip(registered.state_dict().values(), loaded_vq.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="clip.pretrained"):
+        bad = load_config(None, [f"workdir={cfg.workdir}", "clip.pretrained=laion2b_s34b_b79k"])
+        run_clip(bad, shards, tmp_path / "clip-bad", None)
 
 
 def test_a_second_run_finds_every_stage_cached(demo_run):

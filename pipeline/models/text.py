@@ -130,13 +130,17 @@ class TextEncoder(torch.nn.Module):
 def build_text_encoder(spec: dict, pretrained: str | None = None) -> TextEncoder:
     """Build from a spec: {"kind": "tiny", "config": {...}} or {"kind": "open_clip", "model": NAME}.
 
-    `pretrained` (open_clip models only) is an open_clip pretrained tag or a local checkpoint file
-    (.safetensors, or a torch checkpoint loaded with weights_only=True).
+    `pretrained` is an open_clip pretrained tag (named models) or a local checkpoint file
+    (.safetensors, or a torch state dict loaded with weights_only=True).
     """
     if spec["kind"] == "tiny":
         cfg = TinyClipConfig(**spec["config"])
         model = cfg.build()
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.context_length)
+        if pretrained:
+            if not Path(pretrained).is_file():
+                raise FileNotFoundError(f"clip.pretrained for the tiny model must be a checkpoint file: {pretrained}")
+            open_clip.load_checkpoint(model, pretrained, weights_only=True)
     elif spec["kind"] == "open_clip":
         name = spec["model"]
         if pretrained and not Path(pretrained).is_file() and "/" in pretrained:

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from pipeline.config import PipelineConfig
 from pipeline.data.reader import images_to_tensor, read_captioned_images
 from pipeline.models.vq import VQModel, VQModelConfig, psnr
-from pipeline.ray_runtime import ProgressLine, batches_until, fit_small_model, report_final_model
+from pipeline.ray_runtime import ProgressLine, batches_until, fit_small_model, report_final_model, warmup_cosine
 from pipeline.tracking import MetricLogger
 
 # Enough held-out and training images for stable metrics and latent statistics, bounded in memory.
@@ -47,6 +47,7 @@ def vq_train_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"])
+    scheduler = warmup_cosine(optimizer, config["warmup_steps"], config["max_steps"])
     shard = ray.train.get_dataset_shard("train")
     logger = MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 and config["run_id"] else None
     progress = ProgressLine("vq", config["max_steps"])
@@ -59,10 +60,12 @@ def vq_train_loop(config: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        scheduler.step()
         if rank == 0:
             shown = progress.update(step, len(images), loss=loss.item(), recon=recon_loss.item())
             if logger:
-                logger.log({"loss": loss.item(), "recon_loss": recon_loss.item(), **shown}, step)
+                logger.log({"loss": loss.item(), "recon_loss": recon_loss.item(), "lr": scheduler.get_last_lr()[0], **shown},
+                           step)
     if logger:
         logger.close()
     report_final_model(core.save, step)
@@ -109,8 +112,10 @@ def run_vq(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | 
         read_captioned_images(shards, cfg.data.image_size, "heldout", cfg.data.heldout_fraction,
                           max_image_pixels=cfg.data.max_image_pixels), MAX_EVAL_IMAGES
     )
-    if cfg.vq.pretrained:
-        model, _ = VQModel.load(cfg.vq.pretrained)
+    if cfg.vq.pretrained:  # a VQ model directory or a registered model's URI (pipeline.components)
+        from pipeline.components import load_vq
+
+        model, _ = load_vq(cfg.vq.pretrained, cfg.tracking_uri)
     else:
         # Materialised here (not only inside the fit) so the latent scale below reads no shard again.
         train_ds = train_ds.limit(cfg.vq.max_train_images).materialize()

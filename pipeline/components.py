@@ -1,0 +1,67 @@
+"""The first stage and the text encoder as MLflow models of their own, registered and loadable by URI.
+
+The vq and clip stages log their output directory (model.json + model.safetensors, nothing pickled)
+as an MLflow "models from code" pyfunc (`pipeline/mlflow_components.py`) and register it as
+`<mlflow.registered_model_name>-vq` / `-clip` with the configured alias. Reload with
+
+    vq, meta = load_vq("models:/ldm-pipeline-vq@candidate")
+    text = load_text_encoder("models:/ldm-pipeline-clip/3")
+
+(either also takes a local directory), or through pyfunc: `predict` maps a DataFrame column `image`
+(base64 PNGs) to base64 PNG reconstructions for the VQ, and a column `caption` to pooled text
+embeddings (lists of floats) for the text encoder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.model_package import resolve_model_uri
+
+KINDS = ("vq", "clip")
+COMPONENT_FILES = ("model.json", "model.safetensors")
+
+
+def registered_name(base: str, kind: str) -> str:
+    return f"{base}-{kind}"
+
+
+def log_component(kind: str, directory: Path, base_name: str, alias: str) -> dict:
+    """Log `directory` as a pyfunc model in the active MLflow run, register it, set the alias.
+
+    Returns {"model_uri": "models:/<name>/<version>", "version": int, "run_id": ...} and writes it to
+    `directory/registered.json`, so a cached stage still knows its registered version.
+    """
+    import mlflow
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown component kind {kind!r}; kinds: {KINDS}")
+    name = registered_name(base_name, kind)
+    info = mlflow.pyfunc.log_model(
+        name=kind,
+        python_model=str(Path(__file__).with_name("mlflow_components.py")),
+        artifacts={kind: str(directory)},
+        registered_model_name=name,
+        pip_requirements=["ldm-pipeline"],
+    )
+    version = int(info.registered_model_version)
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
+    registered = {"model_uri": f"models:/{name}/{version}", "version": version,
+                  "run_id": mlflow.active_run().info.run_id}
+    (directory / "registered.json").write_text(json.dumps(registered))
+    return registered
+
+
+def load_vq(uri: str, tracking_uri: str | None = None):
+    """A VQ model from a registered-model URI (models:/..., runs:/...) or a local directory."""
+    from pipeline.models.vq import VQModel
+
+    return VQModel.load(resolve_model_uri(uri, tracking_uri, COMPONENT_FILES))
+
+
+def load_text_encoder(uri: str, tracking_uri: str | None = None):
+    """A CLIP text encoder from a registered-model URI (models:/..., runs:/...) or a local directory."""
+    from pipeline.models.text import TextEncoder
+
+    return TextEncoder.load(resolve_model_uri(uri, tracking_uri, COMPONENT_FILES))
