@@ -58,7 +58,8 @@ def train(workdir: Path, latents_dir: Path, name: str, *overrides: str, tracking
     cfg = load_config(None, [
         f"workdir={workdir}", f"ldm.max_steps={STEPS}", f"ldm.batch_size={BATCH}",
         f"ldm.checkpoint_every={CHECKPOINT_EVERY}", "ldm.log_every=1", "ldm.warmup_steps=2", "ldm.lr=3e-3",
-        "ldm.keep_checkpoints=2", *([f"mlflow.tracking_uri={tracking_uri}"] if tracking_uri else []), *overrides,
+        "ldm.keep_checkpoints=2", "ldm.num_workers=2", "ldm.cpus_per_worker=1",  # 2 ranks: the demo has 1
+        *([f"mlflow.tracking_uri={tracking_uri}"] if tracking_uri else []), *overrides,
     ])
     setup_experiment(cfg.tracking_uri, "training-tests", workdir)
     with mlflow.start_run() as run:
@@ -183,7 +184,7 @@ def test_training_survives_a_tracking_outage_and_keeps_the_metrics(latents_dir, 
         server.wait(timeout=30)
     cfg = load_config(None, [
         f"workdir={cfg_workdir}", f"mlflow.tracking_uri={uri}", "ldm.max_steps=4", f"ldm.batch_size={BATCH}",
-        "ldm.checkpoint_every=2", "ldm.log_every=1"])
+        "ldm.checkpoint_every=2", "ldm.log_every=1", "ldm.num_workers=2", "ldm.cpus_per_worker=1"])
     out = cfg_workdir / "ldm-outage"
     out.mkdir()
     result = run_ldm(cfg, latents_dir, out, run_id, name="ldm-outage")
