@@ -102,7 +102,7 @@ def fit_small_model(train_loop: Callable[[dict], None], model_config: dict, sect
         "seed": seed,
         "lr": section.lr,
         "warmup_steps": section.warmup_steps,
-        "batch_size": section.batch_size,
+        "batch_size": fit_batch_size(train_ds.count(), section.batch_size, section.num_workers, name),
         "max_steps": section.max_steps,
         "tracking_uri": tracking_uri,
         "run_id": run_id,
@@ -115,6 +115,24 @@ def fit_small_model(train_loop: Callable[[dict], None], model_config: dict, sect
         cpus_per_worker=section.cpus_per_worker,
     )
     copy_checkpoint(result, out_dir)
+
+
+def fit_batch_size(rows: int, batch_size: int, workers: int, section: str) -> int:
+    """The per-worker batch size for `rows` training samples split over `workers`.
+
+    Batches are full (drop_last), so a worker whose share is smaller than the configured batch would
+    never get one: on a small data set the batch shrinks to the share, and says so. Fewer samples
+    than workers is an error naming the keys.
+    """
+    share = rows // max(1, workers)
+    if share < 1:
+        raise ValueError(f"{rows} training samples cannot be split over {section}.num_workers={workers} workers; "
+                         f"use fewer workers or more data")
+    if share < batch_size:
+        print(f"[{section}] {section}.batch_size={batch_size} is more than each worker's {share} training samples "
+              f"({rows} over {workers} workers): using batches of {share}", flush=True)
+        return share
+    return batch_size
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
@@ -133,12 +151,15 @@ def batches_until(shard, batch_size: int, max_steps: int):
     """Yield (step, numpy batch) from a Ray Train dataset shard, epoch after epoch, until max_steps."""
     step = 0
     while step < max_steps:
+        epoch_start = step
         for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy",
                                         local_shuffle_buffer_size=4 * batch_size):
             step += 1
             yield step, batch
             if step >= max_steps:
                 return
+        if step == epoch_start:  # would loop forever
+            raise RuntimeError(f"this worker's dataset shard holds no full batch of {batch_size} samples")
 
 
 def report_final_model(save: Callable[[str], None], step: int) -> None:

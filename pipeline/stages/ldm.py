@@ -26,7 +26,7 @@ from pipeline.conditioning import Conditioning, drop_to_null
 from pipeline.config import PipelineConfig
 from pipeline.diffusion import NoiseSchedule, ScheduleConfig, training_loss
 from pipeline.models.unet import UNet, UNetConfig, unet_config
-from pipeline.ray_runtime import ProgressLine, fit
+from pipeline.ray_runtime import ProgressLine, fit, fit_batch_size
 from pipeline.tracking import MetricLogger
 
 LATENT_COLUMNS = ["latent", "tokens", "mask", "pooled"]
@@ -279,7 +279,9 @@ def _train(config, engine, scheduler, ema, generator, state, schedule, null, dty
     while state["step"] < config["max_steps"]:
         skip = state["batch"]  # batches of this epoch already trained on (after a resume)
         wait_start = time.perf_counter()
+        epoch_batches = 0
         for index, batch in enumerate(latent_batches(shard, config, state["epoch"])):
+            epoch_batches += 1
             if index < skip:
                 wait_start = time.perf_counter()
                 continue
@@ -339,6 +341,8 @@ def _train(config, engine, scheduler, ema, generator, state, schedule, null, dty
                 break
             wait_start = time.perf_counter()
         else:
+            if epoch_batches == 0:  # would loop forever
+                raise RuntimeError(f"rank {rank}'s dataset shard holds no full batch of {config['batch_size']} latents")
             state["epoch"] += 1
             state["batch"] = 0
     if grids:
@@ -463,6 +467,7 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
         ds = ray.data.read_parquet(str(latents_dir / "data")).select_columns(LATENT_COLUMNS)
         datasets, split = {"train": ds}, True
         loop_config["dataset_name"] = "train"
+        rows = ds.count()
     else:
         # A Dataset copies the DataContext when it is created: order is preserved from the read on.
         ctx = ray.data.DataContext.get_current()
@@ -474,6 +479,8 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
             ctx.execution_options.preserve_order = order
         datasets, split = {f"train_{rank}": part for rank, part in enumerate(parts)}, False
         loop_config["dataset_name"] = "train_{rank}"
+        rows = sum(part.count() for part in parts)
+    loop_config["batch_size"] = fit_batch_size(rows, cfg.ldm.batch_size, workers, "ldm")
     storage = cfg.ldm.storage_path or str(Path(cfg.workdir).resolve() / "ray_results")
     if "://" not in storage:
         loop_config["fail_marker"] = str(Path(storage) / name / "injected_failure")
@@ -494,7 +501,7 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
             (out_dir / name_).write_bytes((Path(directory) / name_).read_bytes())
         progress = json.loads((Path(directory) / "progress.json").read_text())
     ldm = cfg.ldm
-    global_batch = ldm.batch_size * ldm.grad_accum * workers
+    global_batch = loop_config["batch_size"] * ldm.grad_accum * workers
     return {"final_loss": float((result.metrics or {}).get("loss", math.nan)),
             "train_img_per_s": ldm.max_steps * global_batch / seconds,
             "global_batch": global_batch,
