@@ -27,16 +27,15 @@ class ComponentPyfunc(PythonModel):
         import torch
         from PIL import Image
 
+        from pipeline.data.reader import images_to_tensor, tensor_to_images
         from pipeline.model_package import png_bytes
 
         if self.kind == "clip":
             return self.model.encode(list(model_input["caption"])).pooled.tolist()
         arrays = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")) for b in model_input["image"]]
-        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad():
-            recon = self.model.decode(self.model.encode(images))
-        recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        return [base64.b64encode(png_bytes(image)).decode() for image in recon]
+            recon = self.model.decode(self.model.encode(images_to_tensor(np.stack(arrays))))
+        return [base64.b64encode(png_bytes(image)).decode() for image in tensor_to_images(recon)]
 
 
 mlflow.models.set_model(ComponentPyfunc())

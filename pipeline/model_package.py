@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.conditioning import Conditioning
+from pipeline.data.reader import tensor_to_images
 from pipeline.diffusion import NoiseSchedule
 from pipeline.models.text import TextEncoder
 from pipeline.models.unet import UNet, UNetConfig
@@ -63,6 +64,11 @@ def find_package_dir(path: Path, required: tuple[str, ...] = ("model.json", "une
     raise FileNotFoundError(f"no model ({' + '.join(required)}) in {path}")
 
 
+def is_model_uri(text: str) -> bool:
+    """An MLflow (or other remote) URI rather than a local path."""
+    return "://" in text or text.startswith(("models:", "runs:"))
+
+
 def resolve_model_uri(model_uri: str, tracking_uri: str | None = None,
                       required: tuple[str, ...] = ("model.json", "unet.safetensors")) -> Path:
     """A local directory as is; an MLflow URI (models:/..., runs:/...) downloaded, then located.
@@ -71,7 +77,7 @@ def resolve_model_uri(model_uri: str, tracking_uri: str | None = None,
     every file in `required` (default: a pipeline model's).
     """
     local = Path(model_uri)
-    if "://" not in model_uri and not model_uri.startswith(("models:", "runs:")):
+    if not is_model_uri(model_uri):
         if not local.exists():
             raise FileNotFoundError(f"model directory not found: {model_uri}")
         return find_package_dir(local, required)
@@ -184,8 +190,7 @@ class PipelineModel:
         model_fn = guided(self._unet_fn(), cond, self.null, scales)
         latents = sample(sampler, model_fn, x, self.schedule, num_steps=steps, generator=generators)
         images = self._decode(latents / self.latent_scale)
-        images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-        return [img.permute(1, 2, 0).numpy() for img in images]
+        return list(tensor_to_images(images))
 
 
 def mask_sentinels(null: Conditioning) -> Conditioning:

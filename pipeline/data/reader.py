@@ -402,3 +402,10 @@ def images_to_tensor(images) -> "torch.Tensor":
 
     x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def tensor_to_images(x: "torch.Tensor") -> np.ndarray:
+    """The inverse of `images_to_tensor`: (B, 3, H, W) in about [-1, 1] -> (B, H, W, 3) uint8, clamped."""
+    import torch
+
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

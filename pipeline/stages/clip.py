@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from pipeline.config import PipelineConfig
 from pipeline.data.reader import images_to_tensor, read_captioned_images
+from pipeline.model_package import is_model_uri
 from pipeline.models.text import TextEncoder, TinyClipConfig, build_text_encoder, clip_image_preprocess, resize_for_clip
 from pipeline.ray_runtime import ProgressLine, batches_until, fit_small_model, report_final_model, warmup_cosine
 from pipeline.tracking import MetricLogger
@@ -113,7 +114,7 @@ def run_clip(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str 
                                      max_image_pixels=cfg.data.max_image_pixels)
     spec = encoder_spec(cfg)
     pretrained = cfg.clip.pretrained
-    if pretrained.startswith(("models:", "runs:")) or (pretrained and (Path(pretrained) / "model.json").is_file()):
+    if pretrained and (is_model_uri(pretrained) or (Path(pretrained) / "model.json").is_file()):
         from pipeline.components import load_text_encoder  # a saved or registered encoder of ours
 
         load_text_encoder(pretrained, cfg.tracking_uri).save(out_dir)
