@@ -7,6 +7,8 @@ DDIM against diffusers' `DDIMScheduler`: the two must land on the same latents. 
 what the model computes. No timing is asserted here.
 """
 
+from copy import deepcopy
+
 import pytest
 import torch
 
@@ -127,6 +129,46 @@ def test_bound_unet_is_the_unet_with_its_condition_fixed(lengths):
             torch.testing.assert_close(bound(x, t), model(x, t, cond), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="batch"):
         bound(torch.randn(3, 4, 16, 16, dtype=F64), torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.parametrize("lengths", [[3, 5], [0, 4], [6, 6]])
+def test_traced_bound_unet_computes_what_the_eager_one_does(lengths):
+    """After `after_calls` eager calls at one layout, the bound function runs a trace: same result,
+    the UNet's current weights, one trace per layout, never under autograd, not carried by copies."""
+    model = randomized(UNet(UNetConfig(**SMALL, pooled_dim=5))).double().eval()
+    model.traces.after_calls = 2
+    cond = captions(lengths, pooled_dim=5)
+    x, t = torch.randn(2, 4, 16, 16, dtype=F64), torch.tensor([3, 700])
+    bound = model.bind(cond)
+    with torch.no_grad():
+        expected = model(x, t, cond)
+        outs = [bound(x, t) for _ in range(4)]
+        assert len(model.traces.traces) == 1  # made at the third call
+        for out in outs:
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+        for p in model.parameters():  # in place, as load_state_dict and an EMA swap do
+            p.mul_(1.1)
+        torch.testing.assert_close(model.bind(cond)(x, t), model(x, t, cond), rtol=0, atol=1e-12)
+        assert len(model.traces.traces) == 1
+        copy = deepcopy(model)
+        assert not copy.traces.traces and copy.traces.after_calls == 2
+        torch.testing.assert_close(copy.bind(cond)(x, t), model(x, t, cond), rtol=0, atol=1e-12)
+    calls = sum(model.traces.calls.values())
+    out = bound(x, t)  # with autograd: the eager network, gradients flow
+    assert out.requires_grad and sum(model.traces.calls.values()) == calls
+
+
+def test_traced_float32_outputs_are_bitwise_the_eager_ones():
+    """Serving promises the same PNG bytes for a request whether its replica has traced or not."""
+    model = randomized(UNet(UNetConfig(**SMALL))).eval()
+    model.traces.after_calls = 1
+    cond = captions([2, 6, 4]).to(torch.device("cpu"), torch.float32)
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 999])
+    with torch.no_grad():
+        bound = model.bind(cond)
+        eager, traced, again = bound(x, t), bound(x, t), bound(x, t)
+        assert len(model.traces.traces) == 1
+        assert torch.equal(traced, eager) and torch.equal(again, eager)
 
 
 def test_trailing_padding_changes_nothing():

@@ -15,11 +15,16 @@ diffusers' UNet2DConditionModel (`pipeline/benchmarks/unet.py`): the text side o
 the context cut after the last real token) is prepared once per forward pass, and by `bind` once
 per sampling run together with every cross-attention layer's keys and values; attention projects
 q, k, v (or k, v) in one matmul; `Upsample` convolves the un-doubled input (sub-pixel form).
+A bound function that keeps being called at the same shapes in eval mode without autograd (a
+sampler's steps, a serving replica's batches) runs a TorchScript trace of the network: the same
+kernels on the same weights, without the Python between them (`TracedDenoise`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
@@ -36,6 +41,12 @@ TIMESTEP_MAX_PERIOD = 10_000
 TIME_EMBED_MULT = 4
 # Hidden width of the transformer feed-forward relative to the channels (Vaswani et al.; SD uses 4).
 FF_MULT = 4
+# A bound UNet traces its network once it has been called this many times with the same input shapes
+# (one default 50-step sampling run): tracing costs about as much as 30 calls of the tiny preset, so
+# a one-off run stays eager and repeated runs at one shape (serving, evaluation) get the trace.
+TRACE_AFTER_CALLS = 50
+# Traces kept per UNet, one per input layout; the least recently used goes first.
+TRACE_CACHE_SIZE = 8
 
 
 @dataclass
@@ -207,6 +218,22 @@ class TextContext:
     keys_values: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
     """Per cross-attention layer, its keys and values (B, nh, L, hs) when precomputed (`UNet.bind`);
     None: each layer projects `tokens` itself."""
+
+    def flat(self, layers: list[nn.Module]) -> tuple[tuple[bool, ...], list[torch.Tensor]]:
+        """A bound context as tensors only (for a trace's inputs): which optional fields are set,
+        and the tensors: each layer's keys and values, then the set optional fields."""
+        optional = (self.attn_mask, self.has_keys, self.pooled_emb)
+        tensors = [kv for layer in layers for kv in self.keys_values[layer]]
+        return tuple(v is not None for v in optional), tensors + [v for v in optional if v is not None]
+
+    @staticmethod
+    def unflat(present: tuple[bool, ...], tensors: tuple[torch.Tensor, ...], layers: list[nn.Module]) -> "TextContext":
+        """The inverse of `flat` (without `tokens`, which a bound context does not read)."""
+        count = 2 * len(layers)
+        keys_values = {layer: (tensors[2 * i], tensors[2 * i + 1]) for i, layer in enumerate(layers)}
+        rest = iter(tensors[count:])
+        attn_mask, has_keys, pooled_emb = (next(rest) if p else None for p in present)
+        return TextContext(None, attn_mask, has_keys, pooled_emb, keys_values)
 
 
 def _partitioned(weight: torch.Tensor) -> bool:
@@ -395,6 +422,69 @@ class Upsample(nn.Module):
         return torch.stack(rows, dim=3).reshape(batch, out_channels, 2 * height, 2 * width)  # (B, O, H, 2, W, 2) -> (B, O, 2H, 2W)
 
 
+class TracedDenoise(nn.Module):
+    """`UNet._denoise` over a bound text context, as a module of tensor inputs only: what
+    `torch.jit.trace` records. The trace holds the UNet's own parameters (not copies), so it computes
+    with whatever weights the UNet has when it is called."""
+
+    def __init__(self, unet: "UNet", present: tuple[bool, ...], layers: list[nn.Module]):
+        super().__init__()
+        self.unet = unet
+        self.present = present
+        self.layers = layers  # a plain list: these modules are the UNet's, registered there
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *text: torch.Tensor) -> torch.Tensor:
+        return self.unet._denoise(x, t, TextContext.unflat(self.present, text, self.layers))
+
+
+class TraceCache:
+    """A UNet's traces of `TracedDenoise`, one per input layout (shapes, dtypes, devices, which
+    optional text fields are set), made at the first call after a layout's `after_calls` eager ones.
+
+    A trace replays the kernels its example inputs ran, so a layout is only ever served by its own
+    trace. If tracing fails, the layout stays eager (with one warning)."""
+
+    def __init__(self, after_calls: int | None = TRACE_AFTER_CALLS, size: int = TRACE_CACHE_SIZE):
+        self.after_calls = after_calls
+        """Eager calls of one layout before it is traced; None never traces."""
+        self.size = size
+        self.calls: Counter = Counter()
+        self.traces: OrderedDict = OrderedDict()
+
+    def __call__(self, unet: "UNet", x: torch.Tensor, t: torch.Tensor, text: TextContext, layers: list[nn.Module]):
+        present, tensors = text.flat(layers)
+        inputs = (x, t, *tensors)
+        key = (present, tuple((v.shape, v.dtype, v.device) for v in inputs))
+        trace = self.traces.get(key)
+        if trace is None:
+            self.calls[key] += 1
+            if self.after_calls is None or self.calls[key] <= self.after_calls:
+                return unet._denoise(x, t, text)
+            trace = self._trace(TracedDenoise(unet, present, layers), inputs)
+            if len(self.calls) > 16 * self.size:  # many layouts seen once: forget the counts
+                self.calls.clear()
+            self.traces[key] = trace
+            while len(self.traces) > self.size:
+                self.traces.popitem(last=False)
+        self.traces.move_to_end(key)
+        if trace is False:
+            return unet._denoise(x, t, text)
+        return trace(*inputs)
+
+    @staticmethod
+    def _trace(module: TracedDenoise, inputs: tuple[torch.Tensor, ...]):
+        try:
+            with warnings.catch_warnings():
+                # The trace is only replayed on the layout it was made with (the cache key), which
+                # is what TracerWarnings warn about; torch 2.14 also flags torch.jit as deprecated.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=FutureWarning)
+                return torch.jit.trace(module, inputs, check_trace=False)
+        except Exception as exc:  # noqa: BLE001 - any tracer failure leaves the eager path, which works
+            warnings.warn(f"UNet: tracing the bound network failed, staying eager at this shape: {exc}", RuntimeWarning)
+            return False
+
+
 class UNet(nn.Module):
     """The conditioned latent UNet; `forward(x, t, cond)` returns a tensor shaped like x."""
 
@@ -438,6 +528,15 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(cfg.norm_groups, channels)
         # Zero output: the untrained model predicts 0 (the mean of eps and of v), a stable start.
         self.conv_out = zero_init(nn.Conv2d(channels, cfg.in_channels, 3, padding=1))
+        self.traces = TraceCache()
+        """Traces of the network that bound functions use (see `bind`); `traces.after_calls = None`
+        keeps every call eager."""
+
+    def __getstate__(self) -> dict:
+        # Copies (deepcopy, pickling) start without traces: a trace holds the original's parameters.
+        state = dict(self.__dict__)
+        state["traces"] = TraceCache(self.traces.after_calls, self.traces.size)
+        return state
 
     def _run(self, block: nn.Module, *args) -> torch.Tensor:
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -457,16 +556,23 @@ class UNet(nn.Module):
         tokens to every cross-attention layer's keys and values, builds the masks and projects the
         pooled embedding here, and each call runs only what depends on (x, t). For inference: the
         precomputed tensors do not follow later changes of the weights.
+
+        In eval mode without autograd, calls go through `self.traces`: after `TRACE_AFTER_CALLS`
+        eager calls at one input layout, later calls at that layout (in this or later bound
+        functions) run its TorchScript trace, which gives the same result.
         """
         self._check_condition(cond)
         weight = self.conv_in.weight
         text = self.prepare_text(cond, weight.device, weight.dtype)
-        text.keys_values = {layer: layer.project_context(text.tokens) for layer in self._cross_attention_layers()}
+        layers = self._cross_attention_layers()
+        text.keys_values = {layer: layer.project_context(text.tokens) for layer in layers}
         batch = len(cond)
 
         def bound(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             self._check_inputs(x, t, batch)
-            return self._denoise(x, t, text)
+            if self.training or torch.is_grad_enabled() or _partitioned(weight):
+                return self._denoise(x, t, text)
+            return self.traces(self, x, t, text, layers)
 
         return bound
 
