@@ -122,8 +122,8 @@ class PipelineModel:
         self.device = torch.device("cpu")
         self._prompt_cache: OrderedDict[str, Conditioning] = OrderedDict()
         self.fixed_batch = 0
-        """When > 0, every UNet forward runs on exactly 2 * fixed_batch rows (+ 2 sentinel rows, see
-        `FixedRowsUNet`) and every VQ decode on exactly fixed_batch images (chunked, the last chunk
+        """When > 0, every UNet forward runs on exactly 2 * fixed_batch rows (see `FixedRowsUNet`)
+        and every VQ decode on exactly fixed_batch images (chunked, the last chunk
         padded with copies of its last row).
         CPU and GPU kernels pick their algorithm by shape, so a row's result can depend on the batch
         size; with one fixed shape an image depends only on its own request, whatever shares its
@@ -164,7 +164,7 @@ class PipelineModel:
     def _unet_fn(self):
         if not self.fixed_batch:
             return self.unet
-        return FixedRowsUNet(self.unet, 2 * self.fixed_batch, mask_sentinels(self.null))
+        return FixedRowsUNet(self.unet, 2 * self.fixed_batch)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         if not self.fixed_batch:
@@ -193,57 +193,33 @@ class PipelineModel:
         return list(tensor_to_images(images))
 
 
-def mask_sentinels(null: Conditioning) -> Conditioning:
-    """Two condition rows (the null's tokens) whose masks pin the UNet's batch-level text shortcuts.
-
-    `UNet.prepare_text` cuts the tokens after the last position real in some row and drops the mask
-    when every kept token is real: decisions taken from the whole batch, which change the shapes (and
-    so the last bits) of every row's attention. A row with every token real and one with a padded
-    last position make every chunk take the same path: full context length, mask applied.
-    """
-    full = torch.ones_like(null.mask[:1], dtype=torch.bool)
-    padded = full.clone()
-    padded[:, -1] = False
-    tokens, pooled = null.tokens[:1], null.pooled[:1]
-    return Conditioning(torch.cat([tokens, tokens]), torch.cat([full, padded]), torch.cat([pooled, pooled]))
-
-
 class FixedRowsUNet:
-    """A UNet run at one fixed shape: chunks of exactly `rows` rows plus the sentinel rows.
+    """A UNet run at one fixed shape: chunks of exactly `rows` rows, text without batch-wide shortcuts.
 
-    The last chunk is padded by repeating its last row; padding and sentinel outputs are dropped.
-    With one shape and the same text path for every chunk, a row's output does not depend on the
-    rest of its batch. Offers `bind(cond)` (see `pipeline.sampling.guided`): each chunk's condition
-    is bound once per sampling run when the UNet can bind.
+    The last chunk is padded by repeating its last row; the padding's outputs are dropped. With one
+    shape and `UNet.bind(..., fixed_text=True)`, a row's output does not depend on the rest of its
+    batch. Offers `bind(cond)` (see `pipeline.sampling.guided`): each chunk's condition is bound once
+    per sampling run.
     """
 
-    def __init__(self, unet, rows: int, sentinels: Conditioning):
-        self.unet, self.rows, self.sentinels = unet, rows, sentinels
+    def __init__(self, unet: UNet, rows: int):
+        self.unet, self.rows = unet, rows
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.bind(cond)(x, t)
 
     def bind(self, cond: Conditioning):
-        n, k = len(cond), len(self.sentinels)
+        n = len(cond)
         device = cond.tokens.device
-        sentinels = self.sentinels.to(device, cond.tokens.dtype)
         chunks = [torch.arange(start, start + self.rows, device=device).clamp(max=n - 1)
                   for start in range(0, n, self.rows)]
-        bind = getattr(self.unet, "bind", None)
-        fns = []
-        for idx in chunks:
-            chunk = Conditioning.cat([cond.index(idx), sentinels])
-            fns.append(bind(chunk) if bind is not None else (lambda x, t, c=chunk: self.unet(x, t, c)))
+        fns = [self.unet.bind(cond.index(idx), fixed_text=True) for idx in chunks]
 
         def bound(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if x.shape[0] != n or t.shape[0] != n:
                 raise ValueError(f"x has batch {x.shape[0]} and t {t.shape[0]}, the condition {n}")
-            outs = []
-            for start, idx, fn in zip(range(0, n, self.rows), chunks, fns):
-                last = idx[-1:].expand(k)
-                out = fn(torch.cat([x[idx], x[last]]), torch.cat([t[idx], t[last]]))
-                outs.append(out[: min(self.rows, n - start)])
-            return torch.cat(outs)
+            return torch.cat([fn(x[idx], t[idx])[: min(self.rows, n - start)]
+                              for start, idx, fn in zip(range(0, n, self.rows), chunks, fns)])
 
         return bound
 

@@ -549,7 +549,7 @@ class UNet(nn.Module):
         self._check_inputs(x, t, len(cond))
         return self._denoise(x, t, self.prepare_text(cond, x.device, x.dtype))
 
-    def bind(self, cond: Conditioning) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def bind(self, cond: Conditioning, fixed_text: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """`lambda x, t: self(x, t, cond)`, with the work that depends on the text alone done once.
 
         Samplers call the network with one condition at every step: the bound function projects the
@@ -560,10 +560,13 @@ class UNet(nn.Module):
         In eval mode without autograd, calls go through `self.traces`: after `TRACE_AFTER_CALLS`
         eager calls at one input layout, later calls at that layout (in this or later bound
         functions) run its TorchScript trace, which gives the same result.
+
+        `fixed_text` skips `prepare_text`'s batch-wide shortcuts, so that a row's output depends on
+        its own condition only (serving's fixed-shape batches).
         """
         self._check_condition(cond)
         weight = self.conv_in.weight
-        text = self.prepare_text(cond, weight.device, weight.dtype)
+        text = self.prepare_text(cond, weight.device, weight.dtype, fixed_text)
         layers = self._cross_attention_layers()
         text.keys_values = {layer: layer.project_context(text.tokens) for layer in layers}
         batch = len(cond)
@@ -576,17 +579,20 @@ class UNet(nn.Module):
 
         return bound
 
-    def prepare_text(self, cond: Conditioning, device: torch.device, dtype: torch.dtype) -> TextContext:
+    def prepare_text(self, cond: Conditioning, device: torch.device, dtype: torch.dtype,
+                     fixed_text: bool = False) -> TextContext:
         """The text side of a forward pass, shared by all its cross-attention layers.
 
         When the mask is on the CPU (reading it costs no device sync), the tokens are cut after the
         last position that is real in some row: later positions are padding in every row, masked
         out, and would only cost time. For the same reason the mask is dropped when every kept
-        token is real, and the zeroing of rows without any real token when there are none.
+        token is real, and the zeroing of rows without any real token when there are none. These
+        shortcuts are decided by the whole batch and change the attention's shapes and kernels (so
+        the last bits of every row); `fixed_text` skips them: full length, mask always applied.
         """
         tokens, mask = cond.tokens, cond.mask.bool()  # (B, L, D), (B, L)
         every_row_has_keys = every_token_real = False
-        if mask.device.type == "cpu":
+        if mask.device.type == "cpu" and not fixed_text:
             real_positions = mask.any(dim=0).nonzero()
             length = int(real_positions[-1]) + 1 if len(real_positions) else 1
             tokens, mask = tokens[:, :length], mask[:, :length]
