@@ -7,6 +7,7 @@ app's `POST /generate`, concurrently, so the sampler deployment batches them.
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +42,24 @@ def health(base_url: str) -> dict | None:
         return None
 
 
+def wait_healthy(base_url: str, model_uri: str, timeout_s: float = 300) -> None:
+    """Poll /health until the app there serves `model_uri`; TimeoutError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        answer = health(base_url)
+        if answer and answer.get("model") == model_uri:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"the Serve app at {base_url} did not become healthy within {timeout_s:.0f} s")
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ensure_app(model_uri: str, tracking_uri: str | None, serve_cfg: ServeConfig, ray_address: str = "") -> bool:
     """Use a running app serving `model_uri`, or deploy one (locally if no cluster). True if deployed."""
     host, port = serve_cfg.host, serve_cfg.port
@@ -59,13 +78,8 @@ def ensure_app(model_uri: str, tracking_uri: str | None, serve_cfg: ServeConfig,
                        "max_batch_size": serve_cfg.max_batch_size, "batch_wait_timeout_s": serve_cfg.batch_wait_timeout_s,
                        "num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus})
     serve.run(application, name=SERVE_APP_NAME, route_prefix="/", blocking=False)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        answer = health(base_url)
-        if answer and answer.get("model") == model_uri:
-            return True
-        time.sleep(0.5)
-    raise TimeoutError(f"the Serve app at {base_url} did not become healthy within 300 s")
+    wait_healthy(base_url, model_uri)
+    return True
 
 
 def request_image(base_url: str, body: dict) -> bytes:

@@ -5,7 +5,6 @@ confuse them: every test that needs Ray shares this one.
 """
 
 import logging
-import socket
 
 import pytest
 import ray
@@ -30,8 +29,8 @@ def one_intra_op_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture()
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(name="free_port")
+def free_port_fixture() -> int:
+    from pipeline.sample_client import free_port
+
+    return free_port()

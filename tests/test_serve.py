@@ -14,7 +14,6 @@ import pytest
 
 from pipeline.benchmarks.serve import (
     PNG_MAGIC,
-    free_port,
     get_json,
     is_png,
     malformed_requests,
@@ -23,6 +22,7 @@ from pipeline.benchmarks.serve import (
     start_app,
     write_untrained_package,
 )
+from pipeline.sample_client import free_port
 from pipeline.serve import MAX_PROMPT_CHARS, RequestError, validate
 
 STEPS = 4

@@ -5,7 +5,6 @@ than the default clip and ldm batches: they shrink to fit instead of waiting for
 
 import csv
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,18 +33,15 @@ def write_folder(directory: Path, count: int) -> None:
             writer.writerow([f"img{i:03d}.jpg", f"a photo of a {PLACES[i % len(PLACES)]}, number {i}"])
 
 
-def test_own_folder_of_captioned_jpegs_at_another_size(ray_session, tmp_path):
+def test_own_folder_of_captioned_jpegs_at_another_size(ray_session, tmp_path, free_port):
     write_folder(tmp_path, 60)
     subprocess.run([sys.executable, str(ROOT / "jobs" / "make_shards.py"), "folder", "--images",
                     str(tmp_path / "photos"), "--captions", str(tmp_path / "captions.csv"),
                     "--out", str(tmp_path / "shards"), "--shard-size", "64"], check=True, cwd=ROOT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cfg = load_config(None, [
         f"workdir={tmp_path / 'work'}", f"data.shards={tmp_path / 'shards'}", "data.image_size=48",
         "vq.max_steps=6", "clip.max_steps=6", "ldm.max_steps=4", "ldm.sample_every=0", "samples.steps=3",
-        "samples.num_per_prompt=1", f"samples.prompts=[{','.join(PROMPTS)}]", f"serve.port={port}",
+        "samples.num_per_prompt=1", f"samples.prompts=[{','.join(PROMPTS)}]", f"serve.port={free_port}",
     ])
     summary = json.loads(run_workflow(cfg).read_text())
     stages = summary["stages"]

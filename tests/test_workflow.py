@@ -33,12 +33,9 @@ def tiny_config(workdir: Path, port: int):
 
 @pytest.fixture(scope="module")
 def demo_run(ray_session, tmp_path_factory):
-    import socket
+    from pipeline.sample_client import free_port  # the function: the fixture of that name is per test
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = tiny_config(tmp_path_factory.mktemp("workflow") / "work", port)
+    cfg = tiny_config(tmp_path_factory.mktemp("workflow") / "work", free_port())
     summary_path = run_workflow(cfg)
     return cfg, summary_path, json.loads(summary_path.read_text())
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import tempfile
 import time
 import urllib.error
@@ -31,6 +30,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+
+from pipeline.sample_client import free_port, wait_healthy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PROMPTS = ["a red circle on the left", "a blue square on the right", "a green triangle at the top",
@@ -175,8 +176,10 @@ def run_load(base_url: str, *, requests: int = 200, concurrency: int = 16, steps
     def remaining() -> float:
         return max(1.0, deadline - time.monotonic())
 
+    from pipeline.serve import MAX_PROMPT_CHARS, percentile
+
     rng = random.Random(seed)
-    bad_pool = malformed_requests(_max_prompt_chars())
+    bad_pool = malformed_requests(MAX_PROMPT_CHARS)
     n_bad = round(requests * bad_fraction)
     plan: list[tuple[bytes, str | None]] = [(bad_pool[i % len(bad_pool)]) for i in range(n_bad)]
     plan += [(json.dumps(good_request(1000 + i, steps, sampler)).encode(), None) for i in range(requests - n_bad)]
@@ -245,8 +248,8 @@ def run_load(base_url: str, *, requests: int = 200, concurrency: int = 16, steps
         "no_answer": sum(1 for o in outcomes if not o.get("skipped") and o.get("status", 0) == 0),
         "wrong": sum(1 for o in good if not o.get("png")) + sum(1 for o in bad if not 400 <= o["status"] < 500),
         "versioned": sum(1 for o in outcomes if o.get("version")),
-        "p50_s": _pct(latencies, 50),
-        "p95_s": _pct(latencies, 95),
+        "p50_s": percentile(latencies, 50),
+        "p95_s": percentile(latencies, 95),
         "serial_img_per_s": serial_rate,
         "load_img_per_s": load_rate,
         "batching_speedup": load_rate / serial_rate if serial_rate else None,
@@ -256,34 +259,6 @@ def run_load(base_url: str, *, requests: int = 200, concurrency: int = 16, steps
         "load_s": load_s,
         "serial_s": serial_s,
     }
-
-
-def _pct(sorted_values: list[float], q: float) -> float | None:
-    from pipeline.serve import percentile
-
-    return percentile(sorted_values, q)
-
-
-def _max_prompt_chars() -> int:
-    from pipeline.serve import MAX_PROMPT_CHARS
-
-    return MAX_PROMPT_CHARS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(base_url: str, model_uri: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status, answer = get_json(base_url, "/health", timeout=5)
-        if status == 200 and answer and answer.get("model") == model_uri:
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"the Serve app at {base_url} did not become healthy within {timeout_s:.0f} s")
 
 
 def start_app(model_uri: str, port: int, *, tracking_uri: str | None = None, num_cpus: float = 1,

@@ -279,9 +279,9 @@ def _train(config, engine, scheduler, ema, generator, state, schedule, null, dty
     while state["step"] < config["max_steps"]:
         skip = state["batch"]  # batches of this epoch already trained on (after a resume)
         wait_start = time.perf_counter()
-        epoch_batches = 0
+        got_a_batch = False
         for index, batch in enumerate(latent_batches(shard, config, state["epoch"])):
-            epoch_batches += 1
+            got_a_batch = True
             if index < skip:
                 wait_start = time.perf_counter()
                 continue
@@ -341,7 +341,7 @@ def _train(config, engine, scheduler, ema, generator, state, schedule, null, dty
                 break
             wait_start = time.perf_counter()
         else:
-            if epoch_batches == 0:  # would loop forever
+            if not got_a_batch:  # would loop forever
                 raise RuntimeError(f"rank {rank}'s dataset shard holds no full batch of {config['batch_size']} latents")
             state["epoch"] += 1
             state["batch"] = 0
