@@ -18,7 +18,7 @@ demo: install
 	$(PY) jobs/train_ldm.py workdir=$(WORKDIR)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Browse the runs of the local store the demo writes (<workdir>/mlflow.db).
 mlflow-ui: install
