@@ -37,6 +37,23 @@ def init_ray(address: str = "") -> None:
     ctx.enable_progress_bars = True
 
 
+def check_cpus_left_for_streaming(ray_address: str, num_workers: int, cpus_per_worker: float, name: str) -> None:
+    """Streaming ingest reads with Ray Data tasks while the trainers run, on CPUs the trainers do not
+    hold; where there are none it waits forever. A local Ray instance cannot grow, so that is
+    refused here, before any work. Against a cluster (an address set) nodes may be added by the
+    autoscaler, so nothing is checked."""
+    if ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    total = ray.cluster_resources().get("CPU", 0.0)
+    held = num_workers * cpus_per_worker
+    if total - held < 1:
+        raise ValueError(
+            f"{name}.stream_latents=true reads the latents with Ray Data while the trainers run, which needs a "
+            f"CPU the trainers do not hold: this Ray instance has {total:g} CPUs and {name}.num_workers x "
+            f"{name}.cpus_per_worker hold {held:g}. Lower those, or set {name}.stream_latents=false (the "
+            f"default), which reads the latents before training.")
+
+
 def fit(
     train_loop: Callable[[dict], None],
     loop_config: dict,

@@ -143,6 +143,20 @@ def test_zero2_skips_and_counts_a_nonfinite_loss_and_resumes(latents_dir, tmp_pa
     assert all(torch.isfinite(v).all() for v in load_file(str(out / "unet.safetensors")).values())
 
 
+def test_streamed_latents_train_and_a_full_local_instance_is_refused_up_front(latents_dir, tmp_path):
+    """`ldm.stream_latents`: Ray Data's dynamic split feeds the workers while they train. Its read
+    tasks need a CPU the trainers do not hold; on the 2-CPU test instance 2 one-CPU workers leave
+    none, which would wait forever, so that is an error naming the settings before any work."""
+    with pytest.raises(ValueError, match=r"ldm.stream_latents=true .* 2 CPUs .* hold 2"):
+        train(tmp_path, latents_dir, "ldm-stream-full", "ldm.stream_latents=true")
+    assert not (tmp_path / "ray_results" / "ldm-stream-full").exists()
+    result, run_id, out = train(tmp_path, latents_dir, "ldm-stream", "ldm.stream_latents=true", "ldm.num_workers=1")
+    assert result["global_batch"] == BATCH and (out / "unet.safetensors").is_file()
+    logged = losses(f"sqlite:///{tmp_path.resolve()}/mlflow.db", run_id)
+    assert sorted(step for step, _ in logged) == list(range(1, STEPS + 1))
+    assert all(math.isfinite(v) for _, v in logged)
+
+
 def test_nonfinite_losses_in_a_row_stop_the_run_with_a_clear_error(latents_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("LDM_NONFINITE_AT_STEP", "2")
     monkeypatch.setenv("LDM_NONFINITE_REPEAT", "5")

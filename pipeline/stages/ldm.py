@@ -26,7 +26,7 @@ from pipeline.conditioning import Conditioning, drop_to_null
 from pipeline.config import PipelineConfig
 from pipeline.diffusion import NoiseSchedule, ScheduleConfig, training_loss
 from pipeline.models.unet import UNet, UNetConfig, unet_config
-from pipeline.ray_runtime import ProgressLine, fit, fit_batch_size
+from pipeline.ray_runtime import ProgressLine, check_cpus_left_for_streaming, fit, fit_batch_size
 from pipeline.tracking import MetricLogger
 
 LATENT_COLUMNS = ["latent", "tokens", "mask", "pooled"]
@@ -464,10 +464,11 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
     loop_config = build_loop_config(cfg, latents_dir, run_id)
     workers = cfg.ldm.num_workers
     if cfg.ldm.stream_latents:
-        ds = ray.data.read_parquet(str(latents_dir / "data")).select_columns(LATENT_COLUMNS)
-        datasets, split = {"train": ds}, True
+        check_cpus_left_for_streaming(cfg.ray_address, workers, cfg.ldm.cpus_per_worker, "ldm")
+        ds = ray.data.read_parquet(str(latents_dir / "data"))
+        rows = ds.count()  # of the bare read: from the Parquet metadata, without reading the latents
+        datasets, split = {"train": ds.select_columns(LATENT_COLUMNS)}, True
         loop_config["dataset_name"] = "train"
-        rows = ds.count()
     else:
         # A Dataset copies the DataContext when it is created: order is preserved from the read on.
         ctx = ray.data.DataContext.get_current()
