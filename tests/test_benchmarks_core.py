@@ -171,6 +171,31 @@ def test_traced_float32_outputs_are_bitwise_the_eager_ones():
         assert torch.equal(traced, eager) and torch.equal(again, eager)
 
 
+def test_a_layout_that_cannot_be_traced_stays_eager_with_one_warning(monkeypatch):
+    """A tracer failure (an op TorchScript cannot record, a torch without torch.jit) must not fail
+    sampling: the layout warns once, then keeps running the eager network without retracing."""
+    model = randomized(UNet(UNetConfig(**SMALL))).double().eval()
+    model.traces.after_calls = 1
+    attempts = []
+
+    def failing_trace(*args, **kwargs):
+        attempts.append(1)
+        raise RuntimeError("an op the tracer cannot record")
+
+    monkeypatch.setattr(torch.jit, "trace", failing_trace)
+    cond = captions([2, 5])
+    x, t = torch.randn(2, 4, 8, 8, dtype=F64), torch.tensor([4, 900])
+    with torch.no_grad():
+        bound = model.bind(cond)
+        expected = bound(x, t)
+        with pytest.warns(RuntimeWarning, match="cannot record"):
+            second = bound(x, t)
+        third = bound(x, t)
+    assert len(attempts) == 1
+    torch.testing.assert_close(second, expected, rtol=0, atol=0)
+    torch.testing.assert_close(third, expected, rtol=0, atol=0)
+
+
 def test_trailing_padding_changes_nothing():
     """The context is cut after the last real token: extra padding columns must not matter."""
     model = randomized(UNet(UNetConfig(**SMALL))).double().eval()

@@ -437,6 +437,15 @@ class TracedDenoise(nn.Module):
         return self.unet._denoise(x, t, TextContext.unflat(self.present, text, self.layers))
 
 
+UNTRACEABLE = object()
+"""`TraceCache`'s entry for a layout whose tracing failed: it stays eager."""
+
+
+def _layout(tensors) -> tuple:
+    """What a trace is specific to: each tensor's shape, dtype and device."""
+    return tuple((v.shape, v.dtype, v.device) for v in tensors)
+
+
 class TraceCache:
     """A UNet's traces of `TracedDenoise`, one per input layout (shapes, dtypes, devices, which
     optional text fields are set), made at the first call after a layout's `after_calls` eager ones.
@@ -451,25 +460,27 @@ class TraceCache:
         self.calls: Counter = Counter()
         self.traces: OrderedDict = OrderedDict()
 
-    def __call__(self, unet: "UNet", x: torch.Tensor, t: torch.Tensor, text: TextContext, layers: list[nn.Module]):
-        present, tensors = text.flat(layers)
-        inputs = (x, t, *tensors)
-        key = (present, tuple((v.shape, v.dtype, v.device) for v in inputs))
+    def __call__(self, unet: "UNet", x: torch.Tensor, t: torch.Tensor, text: TextContext, layers: list[nn.Module],
+                 flat: tuple[tuple[bool, ...], list[torch.Tensor], tuple]):
+        """`unet._denoise(x, t, text)`, traced once its layout has been seen `after_calls` times.
+        `flat` is `text.flat(layers)` and the text tensors' layout, made once per bound condition."""
+        present, tensors, text_layout = flat
+        key = (present, text_layout, _layout((x, t)))
         trace = self.traces.get(key)
         if trace is None:
             self.calls[key] += 1
             if self.after_calls is None or self.calls[key] <= self.after_calls:
                 return unet._denoise(x, t, text)
-            trace = self._trace(TracedDenoise(unet, present, layers), inputs)
+            trace = self._trace(TracedDenoise(unet, present, layers), (x, t, *tensors))
             if len(self.calls) > 16 * self.size:  # many layouts seen once: forget the counts
                 self.calls.clear()
             self.traces[key] = trace
             while len(self.traces) > self.size:
                 self.traces.popitem(last=False)
         self.traces.move_to_end(key)
-        if trace is False:
+        if trace is UNTRACEABLE:
             return unet._denoise(x, t, text)
-        return trace(*inputs)
+        return trace(x, t, *tensors)
 
     @staticmethod
     def _trace(module: TracedDenoise, inputs: tuple[torch.Tensor, ...]):
@@ -482,7 +493,7 @@ class TraceCache:
                 return torch.jit.trace(module, inputs, check_trace=False)
         except Exception as exc:  # noqa: BLE001 - any tracer failure leaves the eager path, which works
             warnings.warn(f"UNet: tracing the bound network failed, staying eager at this shape: {exc}", RuntimeWarning)
-            return False
+            return UNTRACEABLE
 
 
 class UNet(nn.Module):
@@ -569,13 +580,15 @@ class UNet(nn.Module):
         text = self.prepare_text(cond, weight.device, weight.dtype, fixed_text)
         layers = self._cross_attention_layers()
         text.keys_values = {layer: layer.project_context(text.tokens) for layer in layers}
+        present, tensors = text.flat(layers)
+        flat = (present, tensors, _layout(tensors))
         batch = len(cond)
 
         def bound(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             self._check_inputs(x, t, batch)
             if self.training or torch.is_grad_enabled() or _partitioned(weight):
                 return self._denoise(x, t, text)
-            return self.traces(self, x, t, text, layers)
+            return self.traces(self, x, t, text, layers, flat)
 
         return bound
 
