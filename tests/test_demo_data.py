@@ -15,6 +15,7 @@ from pipeline.data.demo import (
     DEMO_POSITIONS,
     DEMO_SHAPES,
     DemoSpec,
+    caption_template,
     caption_to_spec,
     demo_sample,
     render,
@@ -73,6 +74,23 @@ def test_every_combination_and_template_occurs_in_a_modest_sample():
         if spec_to_caption(spec, template_index) in captions
     }
     assert templates_seen == set(range(len(CAPTION_TEMPLATES)))
+
+
+def test_a_caption_names_one_content_and_every_wording_carries_every_word():
+    """One wording per content, so a held-out caption has one right kind of image (retrieval by
+    exact caption is well-posed); each wording is used with every shape, colour and position word,
+    so the text encoder can learn the words rather than whole captions."""
+    by_caption = {}
+    for index in range(600):
+        _, caption, spec = demo_sample(index, seed=1, image_size=32)
+        assert caption == spec_to_caption(spec, caption_template(spec))
+        assert by_caption.setdefault(caption, spec) == spec
+    assert len(by_caption) == len(ALL_SPECS)
+    for template_index in range(len(CAPTION_TEMPLATES)):
+        specs = [spec for spec in ALL_SPECS if caption_template(spec) == template_index]
+        assert len(specs) == len(ALL_SPECS) // len(CAPTION_TEMPLATES)
+        for part, vocabulary in (("shape", DEMO_SHAPES), ("colour", DEMO_COLOURS), ("position", DEMO_POSITIONS)):
+            assert {getattr(spec, part) for spec in specs} == set(vocabulary)
 
 
 def test_images_of_one_spec_vary_in_size_position_and_shade():

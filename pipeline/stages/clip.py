@@ -90,10 +90,10 @@ def clip_train_loop(config: dict) -> None:
 def retrieval_top1(encoder: TextEncoder, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
     """Caption -> image retrieval among the same samples; a hit is any image with that caption.
 
-    On the demo data a caption is one of several wordings of its image's shape, colour and
-    position, so an exact-caption hit also needs the one image of the same content that happens to
-    share the wording (about 1 in 2 on 100 samples): `retrieval_top1_content` also counts a hit for
-    any image of the same content. It is reported only when every caption is a demo caption.
+    When every caption is a demo caption, `retrieval_top1_content` also counts a hit for any image
+    of the same shape, colour and position, whatever its wording. The demo data gives each content
+    one wording, so the two agree there; on captions that word one content several ways, exact
+    retrieval cannot tell the wordings apart from the image and the content figure is the one to read.
     """
     from pipeline.data.demo import caption_to_spec
 
