@@ -240,15 +240,19 @@ def evaluate_demo_adherence(model, images: int, guidance_scale: float, steps: in
                             batch: int = 60) -> dict:
     """Prompt adherence on the demo: `images` prompts cycling through every shape x colour x position
     (and caption wording), one seed each, sampled in-process in batches and judged from pixels.
-    Returns adherence_g<scale> (all three right) and its shape/colour/position parts."""
-    from pipeline.data.demo import CAPTION_TEMPLATES, DEMO_COLOURS, DEMO_POSITIONS, DEMO_SHAPES, DemoSpec, spec_to_caption
+    Returns adherence_g<scale> (all three right), its shape/colour/position parts, and
+    adherence_g<scale>_new_wording: on the prompts worded unlike any training caption of their
+    content (the demo data words each content one way), how well the text generalises."""
+    from pipeline.data.demo import (CAPTION_TEMPLATES, DEMO_COLOURS, DEMO_POSITIONS, DEMO_SHAPES, DemoSpec,
+                                    caption_template, spec_to_caption)
     from pipeline.data.demo_eval import adherence
     from pipeline.model_package import GenerationRequest
 
     combos = [DemoSpec(s, c, p) for s in DEMO_SHAPES for c in DEMO_COLOURS for p in DEMO_POSITIONS]
     specs = [combos[i % len(combos)] for i in range(images)]
-    requests = [GenerationRequest(spec_to_caption(spec, i % len(CAPTION_TEMPLATES)), seed + i, guidance_scale)
-                for i, spec in enumerate(specs)]
+    templates = [i % len(CAPTION_TEMPLATES) for i in range(images)]
+    requests = [GenerationRequest(spec_to_caption(spec, template), seed + i, guidance_scale)
+                for i, (spec, template) in enumerate(zip(specs, templates))]
     start = time.perf_counter()
     generated = []
     for i in range(0, len(requests), batch):
@@ -257,8 +261,12 @@ def evaluate_demo_adherence(model, images: int, guidance_scale: float, steps: in
     name = f"adherence_g{guidance_scale:g}"
     print(f"[samples] {name} {scores['all']:.3f} (shape {scores['shape']:.3f}, colour {scores['colour']:.3f}, "
           f"position {scores['position']:.3f}) on {images} images in {time.perf_counter() - start:.1f}s", flush=True)
-    return {name: scores["all"], **{f"{name}_{part}": scores[part] for part in ("shape", "colour", "position")},
-            f"{name}_images": images}
+    metrics = {name: scores["all"], **{f"{name}_{part}": scores[part] for part in ("shape", "colour", "position")},
+               f"{name}_images": images}
+    new = [i for i, (spec, template) in enumerate(zip(specs, templates)) if template != caption_template(spec)]
+    if new:
+        metrics[f"{name}_new_wording"] = adherence([generated[i] for i in new], [specs[i] for i in new])["all"]
+    return metrics
 
 
 class _StopAfter(Exception):

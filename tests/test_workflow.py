@@ -56,6 +56,7 @@ def test_summary_names_every_stage_with_status_time_and_metrics(demo_run):
     for scale in ("g1", "g3"):  # judged from pixels on 12 demo prompts per guidance scale
         assert samples[f"adherence_{scale}_images"] == 12
         assert 0.0 <= samples[f"adherence_{scale}"] <= samples[f"adherence_{scale}_colour"] <= 1.0
+        assert 0.0 <= samples[f"adherence_{scale}_new_wording"] <= 1.0  # wordings the data never pairs with that content
     assert summary["model_uri"].startswith("models:/ldm-pipeline/")
     assert summary["tracking_uri"] == cfg.tracking_uri
 
