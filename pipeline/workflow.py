@@ -223,7 +223,7 @@ def demo_adherence(out: Path, records) -> dict:
     from PIL import Image
 
     from pipeline.data.demo import caption_to_spec
-    from pipeline.data.demo_eval import judge
+    from pipeline.data.demo_eval import adherence_of, judge
 
     judged = []
     for record in records:
@@ -233,7 +233,7 @@ def demo_adherence(out: Path, records) -> dict:
         judged.append(judge(Image.open(out / record.file).convert("RGB"), spec))
     if not judged:
         return {}
-    return {f"grid_adherence_g{records[0].guidance_scale:g}": sum(j["ok"] for j in judged) / len(judged)}
+    return {f"grid_adherence_g{records[0].guidance_scale:g}": adherence_of(judged)["all"]}
 
 
 def evaluate_demo_adherence(model, images: int, guidance_scale: float, steps: int, sampler: str, seed: int,
@@ -245,7 +245,7 @@ def evaluate_demo_adherence(model, images: int, guidance_scale: float, steps: in
     content (the demo data words each content one way), how well the text generalises."""
     from pipeline.data.demo import (CAPTION_TEMPLATES, DEMO_COLOURS, DEMO_POSITIONS, DEMO_SHAPES, DemoSpec,
                                     caption_template, spec_to_caption)
-    from pipeline.data.demo_eval import adherence
+    from pipeline.data.demo_eval import adherence_of, judge
     from pipeline.model_package import GenerationRequest
 
     combos = [DemoSpec(s, c, p) for s in DEMO_SHAPES for c in DEMO_COLOURS for p in DEMO_POSITIONS]
@@ -257,7 +257,8 @@ def evaluate_demo_adherence(model, images: int, guidance_scale: float, steps: in
     generated = []
     for i in range(0, len(requests), batch):
         generated += model.generate(requests[i:i + batch], steps, sampler)
-    scores = adherence(generated, specs)
+    verdicts = [judge(image, spec) for image, spec in zip(generated, specs, strict=True)]
+    scores = adherence_of(verdicts)
     name = f"adherence_g{guidance_scale:g}"
     print(f"[samples] {name} {scores['all']:.3f} (shape {scores['shape']:.3f}, colour {scores['colour']:.3f}, "
           f"position {scores['position']:.3f}) on {images} images in {time.perf_counter() - start:.1f}s", flush=True)
@@ -265,7 +266,7 @@ def evaluate_demo_adherence(model, images: int, guidance_scale: float, steps: in
                f"{name}_images": images}
     new = [i for i, (spec, template) in enumerate(zip(specs, templates)) if template != caption_template(spec)]
     if new:
-        metrics[f"{name}_new_wording"] = adherence([generated[i] for i in new], [specs[i] for i in new])["all"]
+        metrics[f"{name}_new_wording"] = adherence_of([verdicts[i] for i in new])["all"]
     return metrics
 
 

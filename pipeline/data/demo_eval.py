@@ -223,18 +223,12 @@ def adherence(images: Iterable[Image.Image | np.ndarray], specs: Iterable[DemoSp
 
     Keys: "shape", "colour", "position", "all"; the headline prompt-adherence figure is "all".
     """
-    totals = {"shape_ok": 0, "colour_ok": 0, "position_ok": 0, "ok": 0}
-    count = 0
-    for image, spec in zip(images, specs, strict=True):
-        verdict = judge(image, spec)
-        for key in totals:
-            totals[key] += verdict[key]
-        count += 1
-    if count == 0:
+    return adherence_of([judge(image, spec) for image, spec in zip(images, specs, strict=True)])
+
+
+def adherence_of(verdicts: list[dict[str, bool]]) -> dict[str, float]:
+    """`adherence` from `judge`'s verdicts, for callers that also score subsets of the same images."""
+    if not verdicts:
         raise ValueError("adherence needs at least one image")
-    return {
-        "shape": totals["shape_ok"] / count,
-        "colour": totals["colour_ok"] / count,
-        "position": totals["position_ok"] / count,
-        "all": totals["ok"] / count,
-    }
+    return {part: sum(v[key] for v in verdicts) / len(verdicts)
+            for part, key in (("shape", "shape_ok"), ("colour", "colour_ok"), ("position", "position_ok"), ("all", "ok"))}
