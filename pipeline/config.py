@@ -113,8 +113,11 @@ class ClipConfig:
     """Set it to skip training: an open_clip pretrained tag, a local checkpoint file (safetensors or
     a torch state dict, loaded with weights_only=True), a text encoder directory saved by the clip
     stage, or a registered encoder's URI (models:/<name>-clip/<version>)."""
-    context_length: int = 16
-    """Text tokens per caption (tiny model only; pretrained models bring their own)."""
+    context_length: int = 0
+    """Text tokens per caption, start and end tokens included (tiny model only; pretrained models
+    bring their own). 0: sized from the training captions, the count that holds 99% of them, at
+    least 16 and at most 77 (CLIP's); 16 for a tiny checkpoint file (`pretrained`). Longer captions
+    are cut: the clip and encode stages report how many as `captions_truncated`."""
     width: int = 128
     """Text and vision transformer width of the tiny model."""
     layers: int = 2
@@ -133,6 +136,9 @@ class ClipConfig:
 
     def __post_init__(self):
         _positive("clip", max_steps=self.max_steps, batch_size=self.batch_size, num_workers=self.num_workers)
+        if self.context_length < 0 or 0 < self.context_length < 2:
+            raise ConfigError(f"clip.context_length must be 0 (sized from the captions) or at least 2 "
+                              f"(start and end tokens), got {self.context_length}")
         if self.warmup_steps < 0:
             raise ConfigError(f"clip.warmup_steps must be >= 0, got {self.warmup_steps}")
 

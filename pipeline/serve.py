@@ -236,10 +236,7 @@ class Sampler:
 
     def truncates(self, prompt: str) -> bool:
         """Whether the prompt's tokens (plus start and end) exceed the text encoder's context."""
-        try:
-            return len(self.model.text.tokenizer.encode(prompt)) + 2 > self.model.context_length
-        except Exception:  # noqa: BLE001 - a tokenizer without encode(): the header is informative only
-            return False
+        return self.model.text.truncated([prompt])[0]
 
     def _run_group(self, jobs: list[SampleJob], steps: int, sampler: str) -> list[dict]:
         images = self.model.generate([job.request for job in jobs], steps, sampler)

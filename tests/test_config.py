@@ -38,6 +38,8 @@ def test_defaults_are_the_demo_and_overrides_apply():
     ("ldm.schedule.beta_schedule=wavy", "beta_schedule"),
     ("data.image_size=2", "data.image_size"),
     ("clip.warmup_steps=-1", "clip.warmup_steps"),
+    ("clip.context_length=1", "clip.context_length"),
+    ("clip.context_length=-3", "clip.context_length"),
     ("ldm.max_steps", "key=value"),
 ])
 def test_bad_overrides_name_the_key(override, named):

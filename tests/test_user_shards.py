@@ -1,7 +1,8 @@
 """A user's own small data set through the whole workflow with the default config: a folder of
 non-square JPEGs with free-form captions (no demo vocabulary), sharded with jobs/make_shards.py's
-`folder` path, trained at another image size (48) through the real components. The set is smaller
-than the default clip and ldm batches: they shrink to fit instead of waiting forever for a batch."""
+`folder` path, trained at another image size (48) through the real components, some captions
+longer than any text context. The set is smaller than the default clip and ldm batches: they
+shrink to fit instead of waiting forever for a batch."""
 
 import csv
 import json
@@ -30,7 +31,10 @@ def write_folder(directory: Path, count: int) -> None:
             pixels = (rng.random((30, 50, 3)) * 255).astype("uint8")  # 50 x 30: resized and centre-cropped
             pixels[:, :25] = rng.integers(0, 255, 3)
             Image.fromarray(pixels).save(directory / "photos" / f"img{i:03d}.jpg")
-            writer.writerow([f"img{i:03d}.jpg", f"a photo of a {PLACES[i % len(PLACES)]}, number {i}"])
+            caption = f"a photo of a {PLACES[i % len(PLACES)]}, number {i}"
+            if i % 10 == 0:  # one in ten is alt-text-long: more tokens than CLIP's context of 77
+                caption += ", seen from the road" + " with hills and trees" * 20
+            writer.writerow([f"img{i:03d}.jpg", caption])
 
 
 def test_own_folder_of_captioned_jpegs_at_another_size(ray_session, tmp_path, free_port):
@@ -49,7 +53,12 @@ def test_own_folder_of_captioned_jpegs_at_another_size(ray_session, tmp_path, fr
     assert all(stage["status"] == "ran" for stage in stages.values())
     assert stages["encode"]["metrics"]["samples"] == 60 and sum(stages["encode"]["metrics"]["skipped"].values()) == 0
     assert 0.0 <= stages["vq"]["metrics"]["codebook_usage"] <= 1.0 and np.isfinite(stages["vq"]["metrics"]["psnr"])
-    assert set(stages["clip"]["metrics"]) == {"retrieval_top1", "model_version"}  # no demo-only figures
+    clip = stages["clip"]["metrics"]
+    assert set(clip) == {"retrieval_top1", "model_version", "context_length", "captions_truncated"}  # no demo figures
+    # The text context is sized from the captions: more than 1% are long, so CLIP's 77, which cuts
+    # only those; the encode stage counts the same captions over the whole set.
+    assert clip["context_length"] == 77 and 0.0 < clip["captions_truncated"] < 0.2
+    assert stages["encode"]["metrics"]["captions_truncated"] == 0.1
     assert stages["ldm"]["metrics"]["global_batch"] == 60  # ldm.batch_size 64, one worker, 60 latents
     assert not any(name.startswith("adherence") for name in stages["samples"]["metrics"])
     records = [json.loads(line) for line in (Path(summary["samples_dir"]) / "manifest.jsonl").read_text().splitlines()]

@@ -9,6 +9,7 @@ directory with `model.json` (how to rebuild it) and `model.safetensors`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,22 @@ PAD_TOKEN_ID = 0
 # CLIP's own normalisation constants (OpenAI CLIP), used for the tiny model too.
 IMAGE_MEAN = open_clip.OPENAI_DATASET_MEAN
 IMAGE_STD = open_clip.OPENAI_DATASET_STD
+
+
+# clip.context_length=0 sizes the tiny model's context from its training captions: the token count
+# that holds this fraction of them, within these bounds (77 is CLIP's own context).
+AUTO_CONTEXT_QUANTILE = 0.99
+AUTO_CONTEXT_MIN = 16
+AUTO_CONTEXT_MAX = 77
+
+
+def auto_context_length(counts: list[int]) -> int:
+    """The text context for captions of these token counts (see AUTO_CONTEXT_QUANTILE)."""
+    if not counts:
+        return AUTO_CONTEXT_MIN
+    ordered = sorted(counts)
+    covered = ordered[min(len(ordered) - 1, math.ceil(AUTO_CONTEXT_QUANTILE * len(ordered)) - 1)]
+    return max(AUTO_CONTEXT_MIN, min(AUTO_CONTEXT_MAX, covered))
 
 
 @dataclass
@@ -83,6 +100,18 @@ class TextEncoder(torch.nn.Module):
         """Captions -> token ids (B, context_length); longer captions are truncated."""
         return self.tokenizer(list(captions), context_length=self.context_length)
 
+    def token_counts(self, captions: list[str]) -> list[int]:
+        """Tokens per caption before truncation, start and end tokens included.
+
+        Exact for open_clip's BPE tokenizer (the tiny model's and most CLIPs'); with another
+        tokenizer the count is capped at `context_length + 1`, which still tells a cut caption.
+        """
+        return token_counts(self.tokenizer, captions, self.context_length + 1)
+
+    def truncated(self, captions: list[str]) -> list[bool]:
+        """Whether each caption has more tokens than the context holds (its tail is cut)."""
+        return [n > self.context_length for n in self.token_counts(captions)]
+
     def encode_tokens(self, text: torch.Tensor) -> Conditioning:
         """Token ids -> Conditioning. Tokens are the final layer's (after ln_final) features."""
         clip = self.clip
@@ -125,6 +154,13 @@ class TextEncoder(torch.nn.Module):
         encoder = build_text_encoder(spec, pretrained=None)
         encoder.clip.load_state_dict(load_file(str(directory / "model.safetensors")))
         return encoder.eval()
+
+
+def token_counts(tokenizer, captions: list[str], cap: int) -> list[int]:
+    """Tokens per caption before truncation (start and end included); see `TextEncoder.token_counts`."""
+    if isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
+        return [len(tokenizer.encode(caption)) + 2 for caption in captions]
+    return [int(n) for n in (tokenizer(list(captions), context_length=cap) != PAD_TOKEN_ID).sum(dim=1)]
 
 
 def build_text_encoder(spec: dict, pretrained: str | None = None) -> TextEncoder:

@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+import open_clip
 import torch
 from open_clip.loss import ClipLoss
 from torch.nn import functional as F
@@ -18,20 +19,23 @@ from torch.nn import functional as F
 from pipeline.config import PipelineConfig
 from pipeline.data.reader import images_to_tensor, read_captioned_images
 from pipeline.model_package import is_model_uri
-from pipeline.models.text import TextEncoder, TinyClipConfig, build_text_encoder, clip_image_preprocess, resize_for_clip
+from pipeline.models.text import (AUTO_CONTEXT_MIN, TextEncoder, TinyClipConfig, auto_context_length, build_text_encoder,
+                                  clip_image_preprocess, resize_for_clip, token_counts)
 from pipeline.ray_runtime import ProgressLine, batches_until, fit_small_model, report_final_model, warmup_cosine
 from pipeline.tracking import MetricLogger
 
 RETRIEVAL_SAMPLES = 100
 
 
-def encoder_spec(cfg: PipelineConfig) -> dict:
+def encoder_spec(cfg: PipelineConfig, context_length: int = 0) -> dict:
+    """How to build the configured text encoder. The tiny model's context is `context_length`, else
+    `clip.context_length`, else (0, sized from captions, but none given) AUTO_CONTEXT_MIN."""
     if cfg.clip.model == "tiny":
         tiny = TinyClipConfig(
             image_size=cfg.data.image_size,
             # A 4x4 grid of patches: enough to tell left/right/top/bottom, 4x cheaper than 8x8.
             patch_size=max(1, cfg.data.image_size // 4),
-            context_length=cfg.clip.context_length,
+            context_length=context_length or cfg.clip.context_length or AUTO_CONTEXT_MIN,
             width=cfg.clip.width,
             layers=cfg.clip.layers,
             embed_dim=cfg.clip.width,
@@ -112,22 +116,39 @@ def run_clip(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str 
     """Train (or load) the CLIP text encoder into `out_dir`; returns held-out retrieval metrics."""
     train_ds = read_captioned_images(shards, cfg.data.image_size, "train", cfg.data.heldout_fraction,
                                      max_image_pixels=cfg.data.max_image_pixels)
-    spec = encoder_spec(cfg)
     pretrained = cfg.clip.pretrained
+    metrics: dict = {}
     if pretrained and (is_model_uri(pretrained) or (Path(pretrained) / "model.json").is_file()):
         from pipeline.components import load_text_encoder  # a saved or registered encoder of ours
 
         load_text_encoder(pretrained, cfg.tracking_uri).save(out_dir)
-    elif pretrained or spec["kind"] == "open_clip":
-        encoder = build_text_encoder(spec, pretrained=pretrained or None)
+    elif pretrained or cfg.clip.model != "tiny":
+        encoder = build_text_encoder(encoder_spec(cfg), pretrained=pretrained or None)
         encoder.save(out_dir)
     else:
-        fit_small_model(clip_train_loop, {"spec": spec}, cfg.clip, seed=cfg.seed, tracking_uri=cfg.tracking_uri,
-                        run_id=run_id, train_ds=train_ds, out_dir=out_dir, workdir=cfg.workdir, name="clip")
+        # Materialised here (not only inside the fit) so the caption lengths read no shard again.
+        train_ds = train_ds.limit(cfg.clip.max_train_images).materialize()
+        captions = [row["caption"] for row in train_ds.select_columns(["caption"]).take_all()]
+        counts = token_counts(open_clip.tokenizer.SimpleTokenizer(), captions, 0)
+        context = cfg.clip.context_length or auto_context_length(counts)
+        metrics = {"context_length": context, **truncation(counts, context)}
+        fit_small_model(clip_train_loop, {"spec": encoder_spec(cfg, context)}, cfg.clip, seed=cfg.seed,
+                        tracking_uri=cfg.tracking_uri, run_id=run_id, train_ds=train_ds, out_dir=out_dir,
+                        workdir=cfg.workdir, name="clip")
     encoder = TextEncoder.load(out_dir)
     heldout = read_captioned_images(shards, cfg.data.image_size, "heldout", cfg.data.heldout_fraction,
                                     max_image_pixels=cfg.data.max_image_pixels)
     rows = heldout.limit(RETRIEVAL_SAMPLES).take_batch(RETRIEVAL_SAMPLES, batch_format="numpy")
     if len(rows["key"]) == 0:
-        return {}
-    return retrieval_top1(encoder, images_to_tensor(rows["image"]), list(rows["caption"]))
+        return metrics
+    return {**metrics, **retrieval_top1(encoder, images_to_tensor(rows["image"]), list(rows["caption"]))}
+
+
+def truncation(counts: list[int], context_length: int, stage: str = "clip") -> dict[str, float]:
+    """`captions_truncated`, the fraction of captions (of these token counts) longer than the
+    context; says so when there are any, naming the key that sets the context."""
+    cut = sum(n > context_length for n in counts)
+    if cut:
+        print(f"[{stage}] {cut} of {len(counts)} captions have more than {context_length} tokens and lose their "
+              f"tails; clip.context_length sets the tiny model's context (0: sized from the captions)", flush=True)
+    return {"captions_truncated": cut / len(counts) if counts else 0.0}

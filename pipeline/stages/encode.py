@@ -2,15 +2,16 @@
 
 Shards are read and decoded in CPU tasks; the VQ encoder and the CLIP text encoder run in an actor
 pool (`map_batches` with a callable class; GPU actors on a cluster). Output directory:
-`data/*.parquet` (key, caption, latent, tokens, mask, pooled; fp16 tensors), `null_condition.safetensors`
+`data/*.parquet` (key, caption, latent, tokens, mask, pooled, fp16 tensors; caption_tokens, the
+caption's token count before truncation), `null_condition.safetensors`
 (the encoding of the empty caption) and `metadata.json` (encoder directories and hashes, image size,
 latent shape, `latent_scale`, counts). The latent scale travels with the latent data.
 
 Bad samples are skipped and counted by reason (pipeline/data/reader.py, SKIP_REASONS): each read
 task writes its shard's counts to `counts/<shard hash>.json` once the shard is read, so a retried
 read rewrites its file instead of counting twice. The stage reports `samples` (rows written),
-`unconditional` (rows with an empty caption) and `skipped` ({reason: count}, every reason
-present), and checks that the rows written match the rows the readers counted.
+`unconditional` (rows with an empty caption), `skipped` ({reason: count}, every reason
+present) and `captions_truncated` (the fraction of captions longer than the text context), and checks that the rows written match the rows the readers counted.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,6 +28,7 @@ from pipeline.conditioning import Conditioning
 from pipeline.config import PipelineConfig
 from pipeline.data.reader import counts_summary, images_to_tensor, read_captioned_images, read_shard_counts, sum_counts
 from pipeline.models.text import TextEncoder
+from pipeline.stages.clip import truncation
 from pipeline.models.vq import VQModel
 
 
@@ -53,6 +56,8 @@ class FrozenEncoders:
             "tokens": cond.tokens.to(torch.float16).cpu().numpy(),
             "mask": cond.mask.cpu().numpy(),
             "pooled": cond.pooled.to(torch.float16).cpu().numpy(),
+            # Before truncation: more than the context means the caption lost its tail.
+            "caption_tokens": np.asarray(self.text.token_counts(list(batch["caption"])), dtype=np.int32),
         }
 
 
@@ -90,6 +95,8 @@ def run_encode(cfg: PipelineConfig, shards: list[str], vq_dir: Path, clip_dir: P
               str(out_dir / "null_condition.safetensors"))
     schema = pq.read_schema(str(files[0]))  # Ray's tensor columns carry their shapes
     tokens_shape = schema.field("tokens").type.shape
+    counts_col = pq.read_table([str(path) for path in files], columns=["caption_tokens"]).column("caption_tokens")
+    truncated = truncation(counts_col.to_pylist(), int(tokens_shape[0]), "encode")
     data_bytes = sum(path.stat().st_size for path in files)
     metadata = {
         "vq_dir": str(vq_dir),
@@ -105,10 +112,11 @@ def run_encode(cfg: PipelineConfig, shards: list[str], vq_dir: Path, clip_dir: P
         "skipped": counts["skipped"],
         "shards": len(shards),
         "bytes_per_sample": data_bytes / samples,
+        **truncated,
     }
     (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=2))
     return {"samples": samples, "unconditional": counts["unconditional"], "skipped": counts["skipped"],
-            "bytes_per_sample": round(data_bytes / samples, 1)}
+            "bytes_per_sample": round(data_bytes / samples, 1), **truncated}
 
 
 def load_null_condition(latents_dir: Path) -> Conditioning:
