@@ -263,12 +263,34 @@ class PipelineConfig:
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
+    def __post_init__(self):
+        from pipeline.models.unet import UNET_PRESETS
+
+        if self.ldm.preset not in UNET_PRESETS:
+            raise ConfigError(f"ldm.preset must be one of {sorted(UNET_PRESETS)}, got {self.ldm.preset!r}")
+        if not self.vq.pretrained:  # a pretrained VQ's downsampling is checked when the vq stage loads it
+            check_image_size(self.data.image_size, self.vq.downsample, self.ldm.preset)
+
     @property
     def tracking_uri(self) -> str:
         """The MLflow tracking URI, defaulting to a SQLite store under the workdir."""
         if self.mlflow.tracking_uri:
             return self.mlflow.tracking_uri
         return f"sqlite:///{Path(self.workdir).resolve() / 'mlflow.db'}"
+
+
+def check_image_size(image_size: int, vq_downsample: int, preset: str, vq_key: str = "vq.downsample") -> None:
+    """Images must shrink to latents that the UNet halves at each level: `image_size` a multiple of
+    the VQ's downsampling times the UNet's. Checked before any work, not at the ldm stage's first step."""
+    from pipeline.models.unet import UNET_PRESETS
+
+    unet = UNET_PRESETS[preset].downsample_factor
+    factor = vq_downsample * unet
+    if image_size % factor:
+        below = image_size - image_size % factor
+        sizes = " or ".join(str(size) for size in (below, below + factor) if size >= 8)
+        raise ConfigError(f"data.image_size={image_size} must be a multiple of {factor} ({vq_key}={vq_downsample} "
+                          f"times {unet} for the {preset!r} UNet of ldm.preset): try {sizes}")
 
 
 def _positive(section: str, **values: int) -> None:

@@ -39,6 +39,8 @@ def test_defaults_are_the_demo_and_overrides_apply():
     ("data.image_size=2", "data.image_size"),
     ("clip.warmup_steps=-1", "clip.warmup_steps"),
     ("clip.context_length=1", "clip.context_length"),
+    ("data.image_size=36", "data.image_size=36 must be a multiple of 8"),
+    ("ldm.preset=huge", "ldm.preset"),
     ("clip.context_length=-3", "clip.context_length"),
     ("ldm.max_steps", "key=value"),
 ])
@@ -88,3 +90,15 @@ def test_first_stage_lr_warms_up_then_decays_to_zero():
     assert lrs[:4] == [0.5, 1.0, 1.5, 2.0]  # the first step already trains, at lr / warmup
     assert lrs[4] == 2.0 and all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.2
     assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_an_image_size_a_pretrained_vq_cannot_encode_for_the_unet_fails_before_any_read(tmp_path):
+    """vq.pretrained brings its own downsampling: checked when the vq stage loads it, before it
+    reads a shard (here there are none to read)."""
+    from pipeline.models.vq import VQModel, VQModelConfig
+    from pipeline.stages.vq import run_vq
+
+    VQModel(VQModelConfig(hidden_channels=8, latent_channels=4, downsample=8, codebook_size=16)).save(tmp_path / "vq")
+    cfg = load_config(None, [f"workdir={tmp_path}", f"vq.pretrained={tmp_path / 'vq'}", "data.image_size=40"])
+    with pytest.raises(ConfigError, match=r"data\.image_size=40 must be a multiple of 16 \(the downsampling of vq\.pretrained"):
+        run_vq(cfg, [], tmp_path / "out", None)

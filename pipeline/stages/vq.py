@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, check_image_size
 from pipeline.data.reader import images_to_tensor, read_captioned_images
 from pipeline.models.vq import VQModel, VQModelConfig, psnr
 from pipeline.ray_runtime import ProgressLine, batches_until, fit_small_model, report_final_model, warmup_cosine
@@ -106,17 +106,19 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
 
 def run_vq(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | None) -> dict:
     """Train (or load) the VQ model into `out_dir`; returns the held-out metrics."""
+    if cfg.vq.pretrained:  # a VQ model directory or a registered model's URI (pipeline.components)
+        from pipeline.components import load_vq
+
+        model, _ = load_vq(cfg.vq.pretrained, cfg.tracking_uri)  # checked before any shard is read
+        check_image_size(cfg.data.image_size, model.cfg.downsample, cfg.ldm.preset,
+                         vq_key=f"the downsampling of vq.pretrained={cfg.vq.pretrained}")
     train_ds = read_captioned_images(shards, cfg.data.image_size, "train", cfg.data.heldout_fraction,
                                      max_image_pixels=cfg.data.max_image_pixels)
     heldout = take_images(
         read_captioned_images(shards, cfg.data.image_size, "heldout", cfg.data.heldout_fraction,
                           max_image_pixels=cfg.data.max_image_pixels), MAX_EVAL_IMAGES
     )
-    if cfg.vq.pretrained:  # a VQ model directory or a registered model's URI (pipeline.components)
-        from pipeline.components import load_vq
-
-        model, _ = load_vq(cfg.vq.pretrained, cfg.tracking_uri)
-    else:
+    if not cfg.vq.pretrained:
         # Materialised here (not only inside the fit) so the latent scale below reads no shard again.
         train_ds = train_ds.limit(cfg.vq.max_train_images).materialize()
         fit_small_model(vq_train_loop, {"model": asdict(model_config(cfg))}, cfg.vq, seed=cfg.seed,
