@@ -21,6 +21,28 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 
+# Ray Train's placement-group cleaner asks the state API once a second whether the trainer's
+# controller is alive. A local instance started without the dashboard does not serve that API, so
+# each ask logs a warning (about 800 lines in a demo run) and is retried; nothing else depends on it.
+LOCAL_NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_logs_hook(names: tuple[str, ...] = LOCAL_NOISY_LOGGERS) -> Callable[[], None]:
+    """A worker setup hook keeping the errors of the `names` loggers, not their warnings.
+
+    A closure, so Ray ships it by value: a worker runs it without importing this module (torch,
+    Ray Train), which would add seconds to every Ray Data task worker's start.
+    """
+
+    def quiet() -> None:
+        import logging
+
+        for name in names:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+    return quiet
+
+
 def init_ray(address: str = "") -> None:
     """Connect to the configured cluster, or start a local Ray instance."""
     if ray.is_initialized():
@@ -32,7 +54,8 @@ def init_ray(address: str = "") -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, runtime_env=env, log_to_driver=True)
+        ray.init(include_dashboard=False, runtime_env={**env, "worker_process_setup_hook": quiet_logs_hook()},
+                 log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
 
@@ -94,13 +117,12 @@ def fit(
         datasets=datasets,
         dataset_config=None if split_datasets else ray.train.DataConfig(datasets_to_split=[]),
     )
-    # Ray Data's bars are for the driver's reads; the per-worker ingest bars would only flood logs.
-    ctx = ray.data.DataContext.get_current()
-    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
-    try:
-        return trainer.fit()
-    finally:
-        ctx.enable_progress_bars = bars
+    # Ray Data's bars are for the driver's reads. The workers' ingest runs each epoch in the split
+    # coordinator, with the context the dataset was made with, and its bars never close: a line of
+    # every epoch's bar so far, reprinted until the fit ends (tens of KB per line in a demo ldm run).
+    for dataset in (datasets or {}).values():
+        dataset.context.enable_progress_bars = False
+    return trainer.fit()
 
 
 def fit_small_model(train_loop: Callable[[dict], None], model_config: dict, section, *, seed: int, tracking_uri: str,

@@ -11,7 +11,8 @@ Bad samples are skipped and counted by reason (pipeline/data/reader.py, SKIP_REA
 task writes its shard's counts to `counts/<shard hash>.json` once the shard is read, so a retried
 read rewrites its file instead of counting twice. The stage reports `samples` (rows written),
 `unconditional` (rows with an empty caption), `skipped` ({reason: count}, every reason
-present) and `captions_truncated` (the fraction of captions longer than the text context), and checks that the rows written match the rows the readers counted.
+present) and `captions_truncated` (the fraction of captions longer than the text context, kept with
+their tails cut), and checks that the rows written match the rows the readers counted.
 """
 
 from __future__ import annotations
