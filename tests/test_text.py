@@ -4,8 +4,7 @@ the context sized from a data set's captions (clip.context_length=0)."""
 import pytest
 
 from pipeline.models.text import (AUTO_CONTEXT_MAX, AUTO_CONTEXT_MIN, TinyClipConfig, auto_context_length,
-                                  build_text_encoder)
-from pipeline.stages.clip import truncation
+                                  build_text_encoder, truncation)
 
 
 @pytest.fixture(scope="module")

@@ -163,6 +163,16 @@ def token_counts(tokenizer, captions: list[str], cap: int) -> list[int]:
     return [int(n) for n in (tokenizer(list(captions), context_length=cap) != PAD_TOKEN_ID).sum(dim=1)]
 
 
+def truncation(counts: list[int], context_length: int, stage: str = "clip") -> dict[str, float]:
+    """`captions_truncated`, the fraction of captions (of these token counts) longer than the
+    context; says so when there are any, naming the key that sets the context."""
+    cut = sum(n > context_length for n in counts)
+    if cut:
+        print(f"[{stage}] {cut} of {len(counts)} captions have more than {context_length} tokens and lose their "
+              f"tails; clip.context_length sets the tiny model's context (0: sized from the captions)", flush=True)
+    return {"captions_truncated": cut / len(counts) if counts else 0.0}
+
+
 def build_text_encoder(spec: dict, pretrained: str | None = None) -> TextEncoder:
     """Build from a spec: {"kind": "tiny", "config": {...}} or {"kind": "open_clip", "model": NAME}.
 

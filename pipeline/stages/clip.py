@@ -20,7 +20,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data.reader import images_to_tensor, read_captioned_images
 from pipeline.model_package import is_model_uri
 from pipeline.models.text import (AUTO_CONTEXT_MIN, TextEncoder, TinyClipConfig, auto_context_length, build_text_encoder,
-                                  clip_image_preprocess, resize_for_clip, token_counts)
+                                  clip_image_preprocess, resize_for_clip, token_counts, truncation)
 from pipeline.ray_runtime import ProgressLine, batches_until, fit_small_model, report_final_model, warmup_cosine
 from pipeline.tracking import MetricLogger
 
@@ -142,13 +142,3 @@ def run_clip(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str 
     if len(rows["key"]) == 0:
         return metrics
     return {**metrics, **retrieval_top1(encoder, images_to_tensor(rows["image"]), list(rows["caption"]))}
-
-
-def truncation(counts: list[int], context_length: int, stage: str = "clip") -> dict[str, float]:
-    """`captions_truncated`, the fraction of captions (of these token counts) longer than the
-    context; says so when there are any, naming the key that sets the context."""
-    cut = sum(n > context_length for n in counts)
-    if cut:
-        print(f"[{stage}] {cut} of {len(counts)} captions have more than {context_length} tokens and lose their "
-              f"tails; clip.context_length sets the tiny model's context (0: sized from the captions)", flush=True)
-    return {"captions_truncated": cut / len(counts) if counts else 0.0}
