@@ -14,7 +14,8 @@ the `X-Prompt-Truncated` header; prompts over `MAX_PROMPT_CHARS` characters are 
 `GET /health` answers {"status": "ok", "model": ..., "model_version": ..., "defaults": ...} after
 asking the sampler (503 if it does not answer). `GET /metrics` answers JSON (or Prometheus text with
 `?format=prometheus`): requests ok / bad / error, images generated, latency percentiles of the
-answered requests, and the sampler's batch-size histogram and mean batch size.
+answered requests, and the sampler's batch-size histogram, mean batch size, and the images queued
+for and running in the sampler now.
 
 The ingress validates; the sampler deployment batches requests (`@serve.batch`), groups them by
 (steps, sampler) and runs each group as one guided sampling call whose forward passes carry the
@@ -182,6 +183,8 @@ def prometheus_text(metrics: dict) -> str:
     add("batches_total", "counter", [("", s["batches"])])
     add("batch_size_batches", "gauge", [(f'{{size="{k}"}}', v) for k, v in s["batch_size_histogram"].items()])
     add("mean_batch_size", "gauge", [("", s["mean_batch_size"])])
+    add("sampler_queued_images", "gauge", [("", s["queued"])])
+    add("sampler_running_images", "gauge", [("", s["running"])])
     add("model_info", "gauge", [(f'{{version="{metrics["model_version"]}"}}', 1)])
     return "\n".join(lines) + "\n"
 
@@ -216,7 +219,11 @@ class Sampler:
         self.idle = asyncio.Event()
         self.idle.set()
         self.batch_sizes: Counter = Counter()
-        self.counters = {"batches": 0, "images": 0, "failed_images": 0, "sampling_runs": 0}
+        self.counters = {"batches": 0, "images": 0, "failed_images": 0, "sampling_runs": 0, "received": 0}
+        self.queued = 0
+        """Jobs received and not yet in a batch (waiting at the gate or in @serve.batch's queue)."""
+        self.running = 0
+        """Jobs in the batch being sampled now (0 when the sampler is idle)."""
         self.busy_s = 0.0
 
     def info(self) -> dict:
@@ -230,7 +237,7 @@ class Sampler:
 
     def stats(self) -> dict:
         batches = self.counters["batches"]
-        return {**self.counters, "busy_s": self.busy_s,
+        return {**self.counters, "busy_s": self.busy_s, "queued": self.queued, "running": self.running,
                 "mean_batch_size": (sum(k * n for k, n in self.batch_sizes.items()) / batches) if batches else None,
                 "batch_size_histogram": {str(k): self.batch_sizes[k] for k in sorted(self.batch_sizes)}}
 
@@ -250,15 +257,20 @@ class Sampler:
         # batch runs and all enter the batch queue the moment it ends: the next batch holds
         # everything that arrived meanwhile, up to max_batch_size. A lone request still waits at
         # most the wait window.
+        self.counters["received"] += 1
+        self.queued += 1
         await self.idle.wait()
         return await self._generate_batch(job)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)  # both set from the app's args in __init__
     async def _generate_batch(self, jobs: list[SampleJob]) -> list[dict]:
         self.idle.clear()
+        self.queued -= len(jobs)
+        self.running = len(jobs)
         try:
             return await self._run_batch(jobs)
         finally:
+            self.running = 0
             self.idle.set()
 
     async def _run_batch(self, jobs: list[SampleJob]) -> list[dict]:

@@ -171,7 +171,7 @@ def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
          "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--default-artifact-root", str(store / "art"),
          "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 90
+    deadline = time.time() + 300  # a guard against a server that never starts, not a speed target
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
