@@ -178,10 +178,15 @@ class LDMConfig:
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     max_failures: int = 0
-    """Worker failures Ray Train recovers from by restarting from the latest checkpoint."""
+    """Worker failures Ray Train recovers from by restarting from the latest checkpoint (a lost
+    node counts as one)."""
+    stall_timeout_s: float = 900.0
+    """When no training step completes for this long (the first one after a (re)start included),
+    the stage stops with an error naming the resources Ray is waiting for. 0: wait forever."""
     stream_latents: bool = False
-    """Stream the latent dataset to the workers. False: materialise it in the object store first
-    (needed when the trainers hold every CPU of the machine, as on the demo)."""
+    """Stream the latent dataset to the workers with Ray Data (latent sets larger than a worker's
+    memory); its read tasks need CPUs the trainers do not hold. False: every worker reads the
+    latents' files into memory, in one global order (exact resume, any node may be lost)."""
     zero_stage: int = 0
     precision: str = "fp32"
     """fp32, bf16 or fp16."""
@@ -219,6 +224,8 @@ class LDMConfig:
         )
         if self.sample_every < 0:
             raise ConfigError(f"ldm.sample_every must be >= 0, got {self.sample_every}")
+        if self.stall_timeout_s < 0:
+            raise ConfigError(f"ldm.stall_timeout_s must be >= 0 (0: wait forever), got {self.stall_timeout_s}")
 
 
 @dataclass

@@ -90,11 +90,14 @@ def fit(
     cpus_per_worker: float = 1.0,
     num_to_keep: int | None = None,
     split_datasets: bool = True,
+    watchdog=None,
 ) -> ray.train.Result:
     """Run `train_loop` on `num_workers` Ray Train workers (gloo on CPU, NCCL on GPU).
 
     `split_datasets=False` gives every worker the datasets whole (the caller has split them itself,
-    e.g. one fixed part per rank for a reproducible data order).
+    e.g. one fixed part per rank for a reproducible data order). `watchdog`: a
+    `pipeline.training.progress.StallWatchdog` that stops a fit whose steps stop completing, which
+    then raises its `TrainingStalled` error.
     """
     storage_path = str(storage_path)
     if "://" not in storage_path:
@@ -122,7 +125,16 @@ def fit(
     # every epoch's bar so far, reprinted until the fit ends (tens of KB per line in a demo ldm run).
     for dataset in (datasets or {}).values():
         dataset.context.enable_progress_bars = False
-    return trainer.fit()
+    if watchdog is None:
+        return trainer.fit()
+    with watchdog:
+        try:
+            result = trainer.fit()
+        except Exception as error:
+            watchdog.raise_if_stalled(error)
+            raise
+    watchdog.raise_if_stalled()
+    return result
 
 
 def fit_small_model(train_loop: Callable[[dict], None], model_config: dict, section, *, seed: int, tracking_uri: str,

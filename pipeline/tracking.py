@@ -59,6 +59,8 @@ class MetricLogger:
         self.run_id = run_id
         self.flush_every = flush_every
         self.pending: list[Metric] = []
+        self.logged_up_to: dict[str, int] = {}
+        """Per key, the last step the run already has from before a restart (see `resume_after`)."""
         self.failed_flushes = 0
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -67,10 +69,24 @@ class MetricLogger:
         self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
         self._thread.start()
 
+    def resume_after(self, step: int, keys: tuple[str, ...]) -> None:
+        """A worker group restarted from the checkpoint of `step` retrains the steps after it, some
+        of which the run may already have (sent before the failure): those are not logged twice.
+        Everything up to `step` was made durable by `commit` when that checkpoint was written."""
+        try:
+            for key in keys:
+                last = max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=step)
+                if last > step:
+                    self.logged_up_to[key] = last
+        except Exception as error:  # noqa: BLE001 - an outage now: the steps may be logged twice
+            print(f"[mlflow] could not read the run's metrics to resume ({type(error).__name__}); steps after "
+                  f"{step} may be logged twice", flush=True)
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         with self._lock:
-            self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()
+                             if step > self.logged_up_to.get(k, -1)]
             if len(self.pending) >= self.flush_every:
                 self._wake.set()
 
@@ -106,6 +122,30 @@ class MetricLogger:
         """Send everything pending now (blocking); used at the end of training."""
         self._send()
 
+    def commit(self) -> None:
+        """Before a checkpoint: everything logged so far is sent, or else kept in the fallback file, so
+        that a worker killed after the checkpoint loses no metric of a step the checkpoint holds."""
+        if self._send():
+            return
+        with self._lock:
+            left, self.pending = self.pending, []
+        self._keep(left)
+
+    def _keep(self, metrics: list[Metric]) -> None:
+        """Append metrics that could not be sent to the fallback file (or drop them, and say so)."""
+        if not metrics:
+            return
+        where = "dropped (no fallback path)"
+        if self.fallback_path:
+            Path(self.fallback_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.fallback_path, "a") as f:
+                for m in metrics:
+                    f.write(json.dumps({"run_id": self.run_id, "key": m.key, "value": m.value,
+                                        "timestamp": m.timestamp, "step": m.step}) + "\n")
+            where = f"kept in {self.fallback_path}; send them later with pipeline.tracking.replay_metrics"
+        self.unlogged += len(metrics)
+        print(f"[mlflow] the tracking server was unreachable: {len(metrics)} metrics not logged, {where}", flush=True)
+
     def close(self) -> int:
         """Stop the thread and send what is left; returns how many metrics could not be sent."""
         self._closed = True
@@ -119,18 +159,7 @@ class MetricLogger:
         self.flush()
         with self._lock:
             left, self.pending = self.pending, []
-        self.unlogged = len(left)
-        if left:
-            where = "dropped (no fallback path)"
-            if self.fallback_path:
-                Path(self.fallback_path).parent.mkdir(parents=True, exist_ok=True)
-                with open(self.fallback_path, "a") as f:
-                    for m in left:
-                        f.write(json.dumps({"run_id": self.run_id, "key": m.key, "value": m.value,
-                                            "timestamp": m.timestamp, "step": m.step}) + "\n")
-                where = f"kept in {self.fallback_path}; send them later with pipeline.tracking.replay_metrics"
-            print(f"[mlflow] the tracking server was unreachable: {len(left)} metrics not logged, {where}",
-                  flush=True)
+        self._keep(left)
         return self.unlogged
 
 

@@ -88,10 +88,10 @@ def test_failure_at_step_5_resumes_with_the_same_per_step_losses(uninterrupted, 
     monkeypatch.setenv("LDM_FAIL_AT_STEP", "5")
     result, run_id, out = train(tmp_path, latents_dir, "ldm-b", "ldm.max_failures=1")
     logged = losses(f"sqlite:///{tmp_path.resolve()}/mlflow.db", run_id)
-    # Steps 1-4 ran before the failure; the run resumed from the step-3 checkpoint, so step 4 was
-    # trained (and logged) twice. Every logged value equals the uninterrupted run's at that step.
-    assert sorted({step for step, _ in logged}) == list(range(1, STEPS + 1))
-    assert [step for step, _ in logged].count(4) == 2
+    # Steps 1-4 ran before the failure; the run resumed from the step-3 checkpoint and trained
+    # step 4 again, but the history holds every step once. Each value equals the uninterrupted run's.
+    assert [step for step, _ in logged] == list(range(1, STEPS + 1))
+    assert result["worker_group_restarts"] == 1 and result["world_sizes"] == [2]
     for step, value in logged:
         assert value == reference[step], f"step {step}: {value} != {reference[step]}"
     assert (tmp_path / "ray_results" / "ldm-b" / "injected_failure").read_text() == "5"
@@ -229,3 +229,18 @@ def test_local_workers_keep_the_pg_cleaners_errors_but_not_its_state_api_warning
         logger = importlib.import_module(name).logger
         assert logger.name == name
         assert logger.isEnabledFor(logging.ERROR) and not logger.isEnabledFor(logging.WARNING)
+
+
+def test_a_fit_that_cannot_start_stops_with_an_error_naming_what_it_waits_for(latents_dir, tmp_path):
+    """Three one-CPU workers on the two-CPU instance can never be placed. Instead of waiting forever
+    the stage stops after ldm.stall_timeout_s, naming Ray's pending demand and the keys that free it,
+    and leaves nothing behind that holds or asks for the CPUs."""
+    from pipeline.training.progress import TrainingStalled
+
+    with pytest.raises(TrainingStalled, match=r"before the first step.*placement group of 3 x \{CPU: 1\}.*"
+                                              r"free now: 2 of 2 CPU.*ldm.num_workers x ldm.cpus_per_worker"):
+        train(tmp_path, latents_dir, "ldm-stall", "ldm.num_workers=3", "ldm.stall_timeout_s=10")
+    deadline = time.time() + 60
+    while any(info["state"] != "REMOVED" for info in ray.util.placement_group_table().values()):
+        assert time.time() < deadline, ray.util.placement_group_table()
+        time.sleep(1)

@@ -1,26 +1,29 @@
 """The ldm stage: train the conditioned latent UNet with Ray Train + DeepSpeed on the latent dataset.
 
-Small named pieces, as in Ray's DeepSpeed example: `deepspeed_config`, `setup_model_and_optimizer`,
-`latent_batches`, `save_checkpoint` / `load_checkpoint`, `ldm_train_loop`. Rank 0 logs per-step
-metrics to the stage's MLflow run and keeps the EMA of the UNet weights; checkpoints (DeepSpeed's
-on every rank, plus EMA and step on rank 0) are reported to Ray Train, which keeps the last few and
-resumes from the latest. The stage's output is the EMA UNet (`unet.json` + `unet.safetensors`).
+Shaped like Ray's DeepSpeed example: `setup_model_and_optimizer`, `next_batch`, `train_step`,
+`report_metrics_and_save_checkpoint`, `load_checkpoint`, and `ldm_train_loop(config)` tying them
+together on each worker. Every worker reads the latents from the shared storage in one global order
+(`pipeline.training.latents`), so nothing it needs dies with a node and a resumed run trains on the
+same samples. Rank 0 logs per-step metrics to the stage's MLflow run, keeps the EMA of the weights
+and tells the driver's progress board each step; the driver stops a run whose steps stop
+(`ldm.stall_timeout_s`) with an error naming what Ray waits for. Checkpoints are reported to Ray
+Train, which keeps the last few and resumes from the latest after a worker or node failure. The
+stage's output is the EMA UNet (`unet.json` + `unet.safetensors`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray
+import ray.train
+import ray.train.torch
 import torch
-from safetensors.torch import load_file, save_file
 
 from pipeline.conditioning import Conditioning, drop_to_null
 from pipeline.config import PipelineConfig
@@ -28,21 +31,89 @@ from pipeline.diffusion import NoiseSchedule, ScheduleConfig, training_loss
 from pipeline.models.unet import UNet, UNetConfig, unet_config
 from pipeline.ray_runtime import ProgressLine, check_cpus_left_for_streaming, fit, fit_batch_size
 from pipeline.tracking import MetricLogger
+from pipeline.training.checkpoint import count_parameters, export_unet, load_checkpoint, save_checkpoint
+from pipeline.training.ema import EMA
+from pipeline.training.faults import FaultInjection
+from pipeline.training.latents import LATENT_COLUMNS, GlobalOrder, LatentTable
+from pipeline.training.progress import StallWatchdog, StepReporter, progress_board
 
-LATENT_COLUMNS = ["latent", "tokens", "mask", "pooled"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What rank 0 logs every step; a restarted run does not log a step of these twice.
+STEP_METRICS = ("loss", "lr", "grad_norm", "data_wait_frac", "nonfinite_steps", "img_per_s")
 
 
-def deepspeed_config(config: dict, world_size: int) -> dict:
+@dataclass
+class GridConfig:
+    """In-training sample grids (rank 0): fixed prompts and seeds, the VQ and text encoder to use."""
+
+    prompts: list[str]
+    clip_dir: str
+    vq_dir: str
+    latent_shape: list[int]
+    seed: int
+    guidance_scale: float
+    steps: int
+
+
+@dataclass
+class LDMLoopConfig:
+    """Everything a training worker needs, built by the driver (`build_loop_config`)."""
+
+    unet: dict
+    schedule: dict
+    latents_dir: str
+    """The encode stage's output: `data/*.parquet` and `null_condition.safetensors` (shared storage)."""
+    latent_scale: float
+    rows: int
+    seed: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    batch_size: int
+    """Micro batch per worker."""
+    grad_accum: int
+    grad_clip: float
+    zero_stage: int
+    precision: str
+    p_uncond: float
+    ema_decay: float
+    max_steps: int
+    checkpoint_every: int
+    log_every: int
+    max_nonfinite_steps: int
+    sample_every: int
+    threads: int
+    stream: bool = False
+    tracking_uri: str = ""
+    run_id: str | None = None
+    unlogged_path: str | None = None
+    grid: GridConfig | None = None
+    faults: FaultInjection = field(default_factory=FaultInjection)
+    progress: object = None
+    """The driver's `TrainingProgress` actor (None: nobody watches)."""
+
+    def global_batch(self, world: int) -> int:
+        return self.batch_size * world * self.grad_accum
+
+
+@dataclass
+class TrainState:
+    """The position of a run: what `progress.json` holds in a checkpoint."""
+
+    step: int = 0
+    nonfinite_steps: int = 0
+
+
+def deepspeed_config(loop: LDMLoopConfig, world_size: int) -> dict:
     """The DeepSpeed config derived from ours: batch sizes, ZeRO stage, precision, clipping."""
     return {
-        "train_micro_batch_size_per_gpu": config["batch_size"],
-        "gradient_accumulation_steps": config["grad_accum"],
-        "train_batch_size": config["batch_size"] * config["grad_accum"] * world_size,
-        "gradient_clipping": config["grad_clip"],
-        "zero_optimization": {"stage": config["zero_stage"]},
-        "bf16": {"enabled": config["precision"] == "bf16"},
-        "fp16": {"enabled": config["precision"] == "fp16", "initial_scale_power": 12},
+        "train_micro_batch_size_per_gpu": loop.batch_size,
+        "gradient_accumulation_steps": loop.grad_accum,
+        "train_batch_size": loop.global_batch(world_size),
+        "gradient_clipping": loop.grad_clip,
+        "zero_optimization": {"stage": loop.zero_stage},
+        "bf16": {"enabled": loop.precision == "bf16"},
+        "fp16": {"enabled": loop.precision == "fp16", "initial_scale_power": 12},
         # Our optimizer is torch's AdamW (no compiled DeepSpeed op needed on CPU or GPU).
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -50,155 +121,80 @@ def deepspeed_config(config: dict, world_size: int) -> dict:
     }
 
 
-def setup_model_and_optimizer(config: dict, world_size: int):
-    """UNet + AdamW + warmup schedule wrapped in a DeepSpeed engine."""
+def setup_model_and_optimizer(loop: LDMLoopConfig, world_size: int):
+    """UNet + AdamW + warmup schedule wrapped in a DeepSpeed engine (on this worker's device)."""
     import deepspeed
     import deepspeed.ops
 
     # DeepSpeed's CPU accelerator would JIT-compile a shared-memory all-reduce op (C++, tens of
     # seconds on a fresh machine) that only its inference path uses; training all-reduces via gloo.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    torch.manual_seed(config["seed"])  # identical initial weights on every rank
-    model = UNet(UNetConfig(**config["unet"]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    warmup = max(1, config["warmup_steps"])
+    torch.manual_seed(loop.seed)  # identical initial weights on every rank
+    model = UNet(UNetConfig(**loop.unet)).to(ray.train.torch.get_device())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
+    warmup = max(1, loop.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world_size)
-    )
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(loop, world_size))
     return engine, scheduler
 
 
-class EMA:
-    """Exponential moving average of the UNet weights, kept in fp32 on rank 0.
+class TableBatches:
+    """Micro-batches from the latent table in this worker's memory, in the global order."""
 
-    Under ZeRO-3 each rank holds only a partition of every parameter, so reading the weights is a
-    collective: every rank must call `update` (and the constructor), which gathers the full
-    parameters for the moment of the update; only rank 0 (`keep=True`) keeps the average.
-    """
+    def __init__(self, loop: LDMLoopConfig, rank: int, world: int, device: torch.device):
+        self.loop, self.rank, self.world, self.device = loop, rank, world, device
+        self.table = LatentTable(str(Path(loop.latents_dir) / "data"))
+        self.order = GlobalOrder(self.table.rows, loop.global_batch(world), loop.seed)
 
-    def __init__(self, engine, decay: float, keep: bool, zero3: bool):
-        self.decay, self.keep, self.zero3 = decay, keep, zero3
-        self.shadow: dict[str, torch.Tensor] = {}
-        with self._full_weights(engine) as weights:
-            if keep:
-                self.shadow = {k: v.detach().float().clone() for k, v in weights.items()}
-
-    @contextlib.contextmanager
-    def _full_weights(self, engine):
-        """The module's full weights by name; under ZeRO-3 gathered on every rank for the block."""
-        module = engine.module
-        weights = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-        if not self.zero3:
-            yield weights
-            return
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            yield weights
-
-    @torch.no_grad()
-    def update(self, engine) -> None:
-        with self._full_weights(engine) as weights:
-            if not self.keep:
-                return
-            for name, value in weights.items():
-                shadow = self.shadow[name]
-                if value.is_floating_point():
-                    shadow.lerp_(value.detach().float(), 1 - self.decay)
-                else:
-                    shadow.copy_(value)
+    def get(self, step: int, micro: int) -> tuple[torch.Tensor, Conditioning]:
+        rows = self.order.micro_batch(step, micro, self.rank, self.world, self.loop.batch_size)
+        return self.table.batch(rows, self.device, self.loop.latent_scale)
 
 
-def latent_batches(shard, config: dict, epoch: int):
-    """One epoch of training batches from this worker's dataset shard, shuffled with a seed."""
-    return shard.iter_torch_batches(
-        batch_size=config["batch_size"],
-        drop_last=True,
-        local_shuffle_buffer_size=8 * config["batch_size"],
-        local_shuffle_seed=config["seed"] + 1000 * epoch,
-    )
+class StreamBatches:
+    """`ldm.stream_latents`: this worker's part of Ray Data's streaming split, epoch after epoch.
+    A resumed run continues at the right step, but not with the batches it would have had."""
+
+    def __init__(self, loop: LDMLoopConfig, rank: int, world: int, device: torch.device):
+        self.loop, self.device = loop, device
+        self.shard = ray.train.get_dataset_shard("train")
+        self.epoch, self.batches = 0, iter(())
+
+    def get(self, step: int, micro: int) -> tuple[torch.Tensor, Conditioning]:
+        for _ in range(2):
+            for batch in self.batches:
+                x0 = batch["latent"].to(self.device).float() * self.loop.latent_scale
+                cond = Conditioning(batch["tokens"], batch["mask"].bool(), batch["pooled"])
+                return x0, cond.to(self.device, torch.float32)
+            self.batches = iter(self.shard.iter_torch_batches(
+                batch_size=self.loop.batch_size, drop_last=True, local_shuffle_buffer_size=8 * self.loop.batch_size,
+                local_shuffle_seed=self.loop.seed + 1000 * self.epoch))
+            self.epoch += 1
+        raise RuntimeError(f"this worker's part of the streamed latents holds no full batch of {self.loop.batch_size}")
 
 
-def save_checkpoint(engine, ema: EMA, state: dict, generator: torch.Generator, rank: int, directory: str) -> None:
-    """DeepSpeed state and this rank's RNG state on every rank; EMA weights and progress on rank 0."""
-    engine.save_checkpoint(directory, tag="deepspeed")
-    save_file({"state": generator.get_state()}, os.path.join(directory, f"rng_rank{rank}.safetensors"))
-    if ema.keep:
-        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, os.path.join(directory, "ema.safetensors"))
-        with open(os.path.join(directory, "progress.json"), "w") as f:
-            json.dump(state, f)
+def next_batch(batches, step: int, micro: int) -> tuple[tuple[torch.Tensor, Conditioning], float]:
+    """Micro-batch `micro` of step `step` and the seconds spent waiting for it."""
+    start = time.perf_counter()
+    batch = batches.get(step, micro)
+    return batch, time.perf_counter() - start
 
 
-def load_checkpoint(engine, ema: EMA, generator: torch.Generator, rank: int, directory: str) -> dict:
-    """Restore DeepSpeed, EMA and RNG state; returns the progress record (step, epoch, batch)."""
-    engine.load_checkpoint(directory, tag="deepspeed")
-    if ema.keep:
-        ema.shadow = load_file(os.path.join(directory, "ema.safetensors"))
-    rng = os.path.join(directory, f"rng_rank{rank}.safetensors")
-    if os.path.isfile(rng):
-        generator.set_state(load_file(rng)["state"])
-    with open(os.path.join(directory, "progress.json")) as f:
-        return json.load(f)
-
-
-def export_unet(unet_cfg: dict, weights: dict, directory: str) -> None:
-    """The served artefact: the UNet's constructor arguments and its (EMA) weights."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    (Path(directory) / "unet.json").write_text(json.dumps(unet_cfg, indent=2))
-    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(directory, "unet.safetensors"))
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by rank 0 at step LDM_FAIL_AT_STEP (tests of resume)."""
-
-
-def injected_faults() -> dict:
-    """Faults for tests, read from the driver's environment and passed to the workers in the config:
-    LDM_FAIL_AT_STEP=k makes rank 0 raise when about to take step k, once per run;
-    LDM_NONFINITE_AT_STEP=k (LDM_NONFINITE_REPEAT=n, default 1) makes rank 0's loss NaN for the first
-    n attempts at step k."""
-    env = os.environ
-    return {"fail_at_step": int(env.get("LDM_FAIL_AT_STEP", 0) or 0),
-            "nonfinite_at_step": int(env.get("LDM_NONFINITE_AT_STEP", 0) or 0),
-            "nonfinite_repeat": int(env.get("LDM_NONFINITE_REPEAT", 1) or 1)}
-
-
-def _injected_failure(config: dict, rank: int, step: int) -> None:
-    """Raise at the injected step, once: a marker file next to the run's checkpoints remembers it
-    across the restart."""
-    if rank != 0 or config["inject"]["fail_at_step"] != step or not config.get("fail_marker"):
-        return
-    marker = Path(config["fail_marker"])
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(step))
-    raise InjectedFailure(f"LDM_FAIL_AT_STEP={step}: injected failure on rank 0")
-
-
-def _injected_nonfinite(config: dict, rank: int, step: int, attempts: dict) -> bool:
-    inject = config["inject"]
-    if rank != 0 or inject["nonfinite_at_step"] != step:
-        return False
-    attempts[step] = attempts.get(step, 0) + 1
-    return attempts[step] <= inject["nonfinite_repeat"]
-
-
-def _all_finite(flag: bool) -> bool:
-    """True when `flag` is true on every rank (one tiny all-reduce), so all ranks skip together."""
+def _all_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Sum `values` over the ranks: one small all-reduce on the engine's device (NCCL needs a GPU tensor)."""
     import torch.distributed as dist
 
-    value = torch.tensor([1.0 if flag else 0.0])
+    tensor = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item() == 1.0)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
 
 
-def _weights_finite(engine) -> bool:
-    """Whether this rank's (partition of the) weights is finite, agreed across ranks."""
-    local = all(torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in engine.module.parameters())
-    return _all_finite(bool(local))
+def weights_finite(engine, device: torch.device) -> bool:
+    """Whether every rank's (partition of the) weights is finite."""
+    local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
+    return _all_ranks([0.0 if local else 1.0], device)[0] == 0
 
 
 def _grad_norm(engine) -> float | None:
@@ -209,158 +205,154 @@ def _grad_norm(engine) -> float | None:
     return float(torch.stack(grads).norm()) if grads else None
 
 
-def null_condition(config: dict) -> Conditioning:
-    """The null condition of classifier-free guidance, as carried in the loop config (plain lists)."""
-    null = config["null"]
-    return Conditioning(torch.tensor(null["tokens"]).float(), torch.tensor(null["mask"]).bool(),
-                        torch.tensor(null["pooled"]).float())
+class Trainer:
+    """One worker's training state and the steps on it (the pieces `ldm_train_loop` calls)."""
+
+    def __init__(self, loop: LDMLoopConfig):
+        ctx = ray.train.get_context()
+        self.loop, self.rank, self.world = loop, ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(loop.threads)
+        self.device = ray.train.torch.get_device()
+        self.engine, self.scheduler = setup_model_and_optimizer(loop, self.world)
+        self.dtype = DTYPES[loop.precision]
+        self.schedule = NoiseSchedule(ScheduleConfig(**loop.schedule))
+        from pipeline.stages.encode import load_null_condition
+
+        self.null = load_null_condition(Path(loop.latents_dir)).to(self.device, torch.float32)
+        self.ema = EMA(self.engine, loop.ema_decay, keep=self.rank == 0, zero3=loop.zero_stage == 3)
+        self.generator = torch.Generator().manual_seed(loop.seed * 1000 + self.rank)
+        self.state = TrainState()
+        self.batches = (StreamBatches if loop.stream else TableBatches)(loop, self.rank, self.world, self.device)
+
+    def model_fn(self, z, t, cond):
+        return self.engine(z.to(self.dtype), t, cond.to(dtype=self.dtype)).float()
+
+    def micro_loss(self, step: int, micro: int) -> tuple[torch.Tensor, float, float]:
+        """The loss of one micro-batch that is finite on every rank, retried with fresh noise and
+        dropout while it is not (each try counted in `nonfinite_steps`; too many in a row stop the run).
+        Returns (loss, the mean loss over the ranks, data wait seconds)."""
+        loop, tries, waited = self.loop, 0, 0.0
+        while True:
+            (x0, cond), wait = next_batch(self.batches, step, micro)
+            waited += wait
+            cond = drop_to_null(cond, self.null, loop.p_uncond, self.generator)
+            loss = loop.faults.loss(training_loss(self.model_fn, self.schedule, x0, cond, generator=self.generator),
+                                    self.rank, step + 1)
+            finite = bool(torch.isfinite(loss))
+            total, bad = _all_ranks([loss.item() if finite else 0.0, 0.0 if finite else 1.0], self.device)
+            if bad == 0:
+                return loss, total / self.world, waited
+            tries += 1
+            self.state.nonfinite_steps += 1
+            if self.rank == 0:
+                print(f"[ldm] non-finite loss before step {step + 1}: retried with new noise ({tries} in a row, "
+                      f"{self.state.nonfinite_steps} in all)", flush=True)
+            if tries >= loop.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"ldm: {tries} non-finite losses in a row before step {step + 1} "
+                    f"(ldm.max_nonfinite_steps={loop.max_nonfinite_steps}); stopping. The latest "
+                    f"checkpoint holds the last finite state; lower ldm.lr or check the latents.")
+
+    def train_step(self) -> dict:
+        """One optimizer step over `grad_accum` micro-batches; returns its metrics (global mean loss)."""
+        step, engine = self.state.step, self.engine
+        losses, waited, start, norm = [], 0.0, time.perf_counter(), None
+        for micro in range(self.loop.grad_accum):
+            loss, mean, wait = self.micro_loss(step, micro)
+            losses.append(mean)
+            waited += wait
+            engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary() and self.loop.zero_stage == 0:
+                norm = _grad_norm(engine)
+            engine.step()
+        self.state.step += 1
+        self.ema.update(engine)
+        norm = norm if norm is not None else engine.get_global_grad_norm()
+        elapsed = time.perf_counter() - start
+        metrics = {"loss": sum(losses) / len(losses), "lr": self.scheduler.get_last_lr()[0],
+                   "data_wait_frac": waited / max(elapsed, 1e-9), "nonfinite_steps": self.state.nonfinite_steps}
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        return metrics
+
+    def load_checkpoint(self) -> bool:
+        """Resume from Ray Train's latest checkpoint, if there is one."""
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return False
+        with checkpoint.as_directory() as directory:
+            progress = load_checkpoint(self.engine, self.ema, self.generator, self.rank, directory)
+        self.state = TrainState(step=progress["step"], nonfinite_steps=progress.get("nonfinite_steps", 0))
+        return True
+
+    def report_metrics_and_save_checkpoint(self, metrics: dict, logger: MetricLogger | None, final: bool) -> None:
+        """Checkpoint every rank's state and report it to Ray Train (with the step's metrics). The
+        metrics logged so far are made durable first, so a resumed run has every step before it."""
+        if not weights_finite(self.engine, self.device):  # never persist a non-finite state
+            raise RuntimeError(f"ldm: non-finite weights at step {self.state.step}; not writing a checkpoint")
+        if logger:
+            logger.commit()
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(self.engine, self.ema, asdict(self.state) | {"world_size": self.world}, self.generator,
+                            self.rank, tmp)
+            if final and self.ema.keep:
+                export_unet(self.loop.unet, self.ema.cpu_weights(), tmp)
+            ray.train.report({"step": self.state.step, "loss": metrics["loss"],
+                              "nonfinite_steps": self.state.nonfinite_steps},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def ldm_train_loop(config: dict) -> None:
     """Ray Train worker loop: epsilon (or v) loss with conditioning dropout, DeepSpeed steps, EMA.
 
     Resume is exact: a checkpoint holds DeepSpeed's state (weights, optimizer, LR schedule), every
-    rank's RNG state, the EMA and the position in the epoch; on resume each rank skips the batches
-    of the epoch it had already trained on, so with the same data order the per-step losses match
-    an uninterrupted run.
+    rank's RNG state, the EMA and the step, and the step says which batches come next.
     """
-    import ray.train
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["threads"])
-    engine, scheduler = setup_model_and_optimizer(config, world)
-    dtype = DTYPES[config["precision"]]
-    schedule = NoiseSchedule(ScheduleConfig(**config["schedule"]))
-    null = null_condition(config)
-    ema = EMA(engine, config["ema_decay"], keep=rank == 0, zero3=config["zero_stage"] == 3)
-    generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
-    state = {"step": 0, "epoch": 0, "batch": 0, "nonfinite_steps": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state.update(load_checkpoint(engine, ema, generator, rank, directory))
-        if rank == 0:
-            print(f"[ldm] resumed from step {state['step']} (epoch {state['epoch']}, batch {state['batch']})", flush=True)
+    loop: LDMLoopConfig = config["loop"]
+    trainer = Trainer(loop)
+    resumed = trainer.load_checkpoint()
+    rank0 = trainer.rank == 0
+    if rank0 and resumed:
+        print(f"[ldm] resumed from step {trainer.state.step} on {trainer.world} worker(s)", flush=True)
+    reporter = StepReporter(loop.progress if rank0 else None)
+    reporter.started(trainer.world, trainer.state.step)
     logger = None
-    if rank == 0 and config["run_id"]:
-        logger = MetricLogger(config["tracking_uri"], config["run_id"], fallback_path=config.get("unlogged_path"),
-                              system_metrics=True)
-    grids = SampleGrids(config, logger) if rank == 0 and logger else None
+    if rank0 and loop.run_id:
+        logger = MetricLogger(loop.tracking_uri, loop.run_id, fallback_path=loop.unlogged_path, system_metrics=True)
+        logger.resume_after(trainer.state.step, STEP_METRICS)
+    grids = SampleGrids(loop, logger, trainer.device) if logger and loop.grid else None
+    progress = ProgressLine("ldm", loop.max_steps, every=loop.log_every, start_step=trainer.state.step)
     try:
-        _train(config, engine, scheduler, ema, generator, state, schedule, null, dtype, rank, world, logger, grids)
+        while trainer.state.step < loop.max_steps:
+            loop.faults.before_step(trainer.rank, trainer.state.step + 1)
+            metrics = trainer.train_step()
+            step = trainer.state.step
+            reporter.stepped(step)
+            if rank0:
+                shown = progress.update(step, loop.global_batch(trainer.world), loss=metrics["loss"], lr=metrics["lr"])
+                if logger:
+                    logger.log({**metrics, **shown}, step)
+                if grids and loop.sample_every and step % loop.sample_every == 0 and step < loop.max_steps:
+                    grids.log(trainer.ema.cpu_weights(), step)
+            final = step >= loop.max_steps
+            if step % loop.checkpoint_every == 0 or final:
+                trainer.report_metrics_and_save_checkpoint(metrics, logger, final)
+        if grids:
+            grids.log(trainer.ema.cpu_weights(), trainer.state.step)
     finally:
         if logger:
             logger.close()
 
 
-def _train(config, engine, scheduler, ema, generator, state, schedule, null, dtype, rank, world, logger, grids):
-    import ray.train
-
-    progress = ProgressLine("ldm", config["max_steps"], every=config["log_every"], start_step=state["step"])
-    shard = ray.train.get_dataset_shard(config["dataset_name"].format(rank=rank))
-    scale = config["latent_scale"]
-    nonfinite_in_a_row, injected = 0, {}
-
-    def model_fn(z, t, cond):
-        return engine(z.to(dtype), t, cond.to(dtype=dtype)).float()
-
-    def checkpoint(final: bool) -> None:
-        if not _weights_finite(engine):  # never persist a non-finite state
-            raise RuntimeError(f"ldm: non-finite weights at step {state['step']}; not writing a checkpoint")
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(engine, ema, state, generator, rank, tmp)
-            if final and ema.keep:
-                export_unet(config["unet"], ema.shadow, tmp)
-            ray.train.report({"step": state["step"], "loss": last_loss, "nonfinite_steps": state["nonfinite_steps"]},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    last_loss = math.nan
-    while state["step"] < config["max_steps"]:
-        skip = state["batch"]  # batches of this epoch already trained on (after a resume)
-        wait_start = time.perf_counter()
-        got_a_batch = False
-        for index, batch in enumerate(latent_batches(shard, config, state["epoch"])):
-            got_a_batch = True
-            if index < skip:
-                wait_start = time.perf_counter()
-                continue
-            state["batch"] = index + 1
-            data_wait = time.perf_counter() - wait_start
-            step_start = time.perf_counter()
-            _injected_failure(config, rank, state["step"] + 1)
-            x0 = batch["latent"].float() * scale
-            cond = Conditioning(batch["tokens"].float(), batch["mask"].bool(), batch["pooled"].float())
-            cond = drop_to_null(cond, null, config["p_uncond"], generator)
-            loss = training_loss(model_fn, schedule, x0, cond, generator=generator)
-            if _injected_nonfinite(config, rank, state["step"] + 1, injected):
-                loss = loss * math.nan
-            if not _all_finite(bool(torch.isfinite(loss))):
-                # Skip the step on every rank: no backward, no optimizer step, no EMA update.
-                state["nonfinite_steps"] += 1
-                nonfinite_in_a_row += 1
-                if rank == 0:
-                    print(f"[ldm] non-finite loss before step {state['step'] + 1}: step skipped "
-                          f"({nonfinite_in_a_row} in a row, {state['nonfinite_steps']} in all)", flush=True)
-                if nonfinite_in_a_row >= config["max_nonfinite_steps"]:
-                    raise RuntimeError(
-                        f"ldm: {nonfinite_in_a_row} non-finite losses in a row before step {state['step'] + 1} "
-                        f"(ldm.max_nonfinite_steps={config['max_nonfinite_steps']}); stopping. The latest "
-                        f"checkpoint holds the last finite state; lower ldm.lr or check the latents.")
-                wait_start = time.perf_counter()
-                continue
-            nonfinite_in_a_row = 0
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            norm = _grad_norm(engine) if boundary and config["zero_stage"] == 0 else None
-            engine.step()
-            if not boundary:
-                wait_start = time.perf_counter()
-                continue
-            state["step"] += 1
-            step = state["step"]
-            ema.update(engine)
-            last_loss = loss.item()
-            if rank == 0:
-                step_time = time.perf_counter() - step_start
-                norm = norm if norm is not None else engine.get_global_grad_norm()
-                metrics = {"loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                           "data_wait_frac": data_wait / max(data_wait + step_time, 1e-9),
-                           "nonfinite_steps": state["nonfinite_steps"]}
-                if norm is not None:
-                    metrics["grad_norm"] = float(norm)
-                shown = progress.update(step, len(x0) * world * config["grad_accum"], loss=last_loss, lr=metrics["lr"])
-                if logger:
-                    logger.log({**metrics, **shown}, step)
-                if grids and config["sample_every"] and step % config["sample_every"] == 0 and step < config["max_steps"]:
-                    grids.log(ema.shadow, step)
-            final = step >= config["max_steps"]
-            if step % config["checkpoint_every"] == 0 or final:
-                checkpoint(final)
-            if final:
-                break
-            wait_start = time.perf_counter()
-        else:
-            if not got_a_batch:  # would loop forever
-                raise RuntimeError(f"rank {rank}'s dataset shard holds no full batch of {config['batch_size']} latents")
-            state["epoch"] += 1
-            state["batch"] = 0
-    if grids:
-        grids.log(ema.shadow, state["step"])
-
-
 class SampleGrids:
     """Rank 0: sample grids of fixed prompts and seeds from the EMA weights, logged to MLflow."""
 
-    def __init__(self, config: dict, logger: MetricLogger):
-        self.config, self.logger = config, logger
-        self.enabled = bool(config.get("grid"))
-        self.vq = self.unet = None  # built at the first grid, reused after
+    def __init__(self, loop: LDMLoopConfig, logger: MetricLogger, device: torch.device):
+        self.loop, self.logger, self.device = loop, logger, device
+        self.vq = self.unet = self.cond = None  # built at the first grid, reused after
 
     def log(self, weights: dict, step: int) -> None:
         """Never fails the training: a grid that cannot be made or logged is reported and skipped."""
-        if not self.enabled:
-            return
         try:
             self._log(weights, step)
         except Exception as error:  # noqa: BLE001
@@ -368,27 +360,26 @@ class SampleGrids:
 
     @torch.no_grad()
     def _log(self, weights: dict, step: int) -> None:
-        from pipeline.models.vq import VQModel
-        from pipeline.sampling import guided, randn_per_sample, sample
-
-        grid = self.config["grid"]
-        start = time.perf_counter()
-        if self.vq is None:
-            self.vq = VQModel.load(grid["vq_dir"])[0]
-            self.unet = UNet(UNetConfig(**self.config["unet"])).eval()
-        unet = self.unet
-        unet.load_state_dict(weights)
-        cond = Conditioning(torch.tensor(grid["tokens"]).float(), torch.tensor(grid["mask"]).bool(),
-                            torch.tensor(grid["pooled"]).float())
-        null = null_condition(self.config)
-        generators = [torch.Generator().manual_seed(grid["seed"] + i) for i in range(len(cond))]
-        x = randn_per_sample((len(cond), *grid["latent_shape"]), generators, torch.device("cpu"), torch.float32)
-        schedule = NoiseSchedule(ScheduleConfig(**self.config["schedule"]))
-        model_fn = guided(unet, cond, null, grid["guidance_scale"])
-        latents = sample("ddim", model_fn, x, schedule, num_steps=grid["steps"], generator=generators)
-        images = self.vq.decode(latents / self.config["latent_scale"])
         from torchvision.utils import make_grid
 
+        from pipeline.models.text import TextEncoder
+        from pipeline.models.vq import VQModel
+        from pipeline.sampling import guided, randn_per_sample, sample
+        from pipeline.stages.encode import load_null_condition
+
+        grid, start = self.loop.grid, time.perf_counter()
+        if self.vq is None:
+            self.vq = VQModel.load(grid.vq_dir)[0].to(self.device)
+            self.unet = UNet(UNetConfig(**self.loop.unet)).eval().to(self.device)
+            self.cond = TextEncoder.load(grid.clip_dir).encode(grid.prompts).to(self.device)
+            self.null = load_null_condition(Path(self.loop.latents_dir)).to(self.device, torch.float32)
+        self.unet.load_state_dict(weights)
+        generators = [torch.Generator().manual_seed(grid.seed + i) for i in range(len(self.cond))]
+        x = randn_per_sample((len(self.cond), *grid.latent_shape), generators, torch.device("cpu"), torch.float32)
+        schedule = NoiseSchedule(ScheduleConfig(**self.loop.schedule))
+        model_fn = guided(self.unet, self.cond, self.null, grid.guidance_scale)
+        latents = sample("ddim", model_fn, x.to(self.device), schedule, num_steps=grid.steps, generator=generators)
+        images = self.vq.decode(latents / self.loop.latent_scale).cpu()
         picture = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=min(8, len(images)), padding=1)
         array = (picture.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
         self.logger.client.log_image(self.logger.run_id, array, artifact_file=f"samples/step_{step:06d}.png")
@@ -396,103 +387,76 @@ class SampleGrids:
               f"({time.perf_counter() - start:.1f}s)", flush=True)
 
 
-def build_loop_config(cfg: PipelineConfig, latents_dir: Path, run_id: str | None) -> dict:
+def build_loop_config(cfg: PipelineConfig, latents_dir: Path, run_id: str | None, unlogged_path: str | None,
+                      rows: int) -> LDMLoopConfig:
+    """The workers' config from ours and the latent dataset's metadata (tensors stay in files)."""
     meta = json.loads((latents_dir / "metadata.json").read_text())
-    from pipeline.stages.encode import load_null_condition
-
-    null = load_null_condition(latents_dir)
     unet = unet_config(cfg.ldm.preset, in_channels=meta["latent_shape"][0], context_dim=meta["token_dim"],
                        pooled_dim=meta["pooled_dim"])
     side = meta["latent_shape"][1]
     if side % unet.downsample_factor:
         raise ValueError(
             f"latent side {side} (data.image_size {cfg.data.image_size} / vq.downsample {cfg.vq.downsample}) is not a "
-            f"multiple of the '{cfg.ldm.preset}' UNet's downsampling factor {unet.downsample_factor}"
-        )
+            f"multiple of the '{cfg.ldm.preset}' UNet's downsampling factor {unet.downsample_factor}")
     ldm = cfg.ldm
-    return {
-        "unet": asdict(unet),
-        "schedule": asdict(ldm.schedule),
-        "seed": cfg.seed,
-        "lr": ldm.lr,
-        "weight_decay": ldm.weight_decay,
-        "warmup_steps": ldm.warmup_steps,
-        "batch_size": ldm.batch_size,
-        "grad_accum": ldm.grad_accum,
-        "grad_clip": ldm.grad_clip,
-        "zero_stage": ldm.zero_stage,
-        "precision": ldm.precision,
-        "p_uncond": ldm.p_uncond,
-        "ema_decay": ldm.ema_decay,
-        "max_steps": ldm.max_steps,
-        "checkpoint_every": ldm.checkpoint_every,
-        "log_every": ldm.log_every,
-        "latent_scale": meta["latent_scale"],
-        "null": {"tokens": null.tokens.tolist(), "mask": null.mask.tolist(), "pooled": null.pooled.tolist()},
-        "tracking_uri": cfg.tracking_uri,
-        "run_id": run_id,
-        "threads": max(1, int(ldm.cpus_per_worker)),
-        "max_nonfinite_steps": ldm.max_nonfinite_steps,
-        "sample_every": ldm.sample_every,
-        "grid": grid_config(cfg, meta) if run_id else None,
-        "inject": injected_faults(),
-    }
-
-
-def grid_config(cfg: PipelineConfig, meta: dict) -> dict | None:
-    """What rank 0 needs for in-training sample grids: the prompts' encodings, the VQ decoder."""
-    from pipeline.models.text import TextEncoder
-
     prompts = list(cfg.samples.prompts)[:16]
-    if not prompts or not meta.get("clip_dir") or not meta.get("vq_dir"):
-        return None
-    cond = TextEncoder.load(meta["clip_dir"]).encode(prompts)
-    return {"tokens": cond.tokens.tolist(), "mask": cond.mask.tolist(), "pooled": cond.pooled.tolist(),
-            "vq_dir": meta["vq_dir"], "latent_shape": meta["latent_shape"], "seed": cfg.samples.seed,
-            "guidance_scale": cfg.samples.guidance_scale, "steps": cfg.ldm.sample_grid_steps}
+    grid = None
+    if run_id and prompts and meta.get("clip_dir") and meta.get("vq_dir"):
+        grid = GridConfig(prompts, meta["clip_dir"], meta["vq_dir"], meta["latent_shape"], cfg.samples.seed,
+                          cfg.samples.guidance_scale, ldm.sample_grid_steps)
+    return LDMLoopConfig(
+        unet=asdict(unet), schedule=asdict(ldm.schedule), latents_dir=str(latents_dir),
+        latent_scale=meta["latent_scale"], rows=rows, seed=cfg.seed, lr=ldm.lr, weight_decay=ldm.weight_decay,
+        warmup_steps=ldm.warmup_steps,
+        batch_size=fit_batch_size(rows // ldm.grad_accum, ldm.batch_size, ldm.num_workers, "ldm"),
+        grad_accum=ldm.grad_accum, grad_clip=ldm.grad_clip, zero_stage=ldm.zero_stage, precision=ldm.precision,
+        p_uncond=ldm.p_uncond, ema_decay=ldm.ema_decay, max_steps=ldm.max_steps,
+        checkpoint_every=ldm.checkpoint_every, log_every=ldm.log_every, max_nonfinite_steps=ldm.max_nonfinite_steps,
+        sample_every=ldm.sample_every, threads=max(1, int(ldm.cpus_per_worker)), stream=ldm.stream_latents,
+        tracking_uri=cfg.tracking_uri, run_id=run_id, unlogged_path=unlogged_path, grid=grid,
+        faults=FaultInjection.from_env(Path(unlogged_path).with_name("injected_failure") if unlogged_path else None))
+
+
+def stall_hint(cfg: PipelineConfig) -> str:
+    """What frees a stalled ldm fit, in config keys."""
+    ldm = cfg.ldm
+    held = f"{ldm.num_workers} x {'1 GPU' if ldm.use_gpu else f'{ldm.cpus_per_worker:g} CPU'}"
+    return (f"The trainers ask for ldm.num_workers x ldm.cpus_per_worker{' (ldm.use_gpu)' if ldm.use_gpu else ''} = "
+            f"{held}{'; streamed latents (ldm.stream_latents=true) also need a CPU the trainers do not hold' if ldm.stream_latents else ''}. "
+            f"Lower those, add nodes, or raise ldm.stall_timeout_s={ldm.stall_timeout_s:g} (0 waits forever).")
 
 
 def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str | None, name: str) -> dict:
     """Train the UNet on the latent dataset; writes the EMA UNet into `out_dir`.
 
-    Re-running with the same `name` and storage resumes from the run's latest checkpoint.
-    By default (`ldm.stream_latents=False`) the latents are materialised in order and split into one
-    fixed part per worker, so every run sees the same data order and resume is exact; streaming
-    uses Ray Data's dynamic split (scales to latent sets larger than the object store, and resumes
-    at the right step, but the batches after a resume are not the same as without the failure).
+    Re-running with the same `name` and storage resumes from the run's latest checkpoint. By default
+    every worker reads the latents from their files in the global order (exact resume);
+    `ldm.stream_latents` streams them with Ray Data's dynamic split instead (latent sets larger
+    than a worker's memory; resumes at the right step, not with the same batches).
     """
-    loop_config = build_loop_config(cfg, latents_dir, run_id)
-    workers = cfg.ldm.num_workers
-    if cfg.ldm.stream_latents:
-        check_cpus_left_for_streaming(cfg.ray_address, workers, cfg.ldm.cpus_per_worker, "ldm")
+    ldm, workers = cfg.ldm, cfg.ldm.num_workers
+    datasets = None
+    if ldm.stream_latents:
+        check_cpus_left_for_streaming(cfg.ray_address, workers, ldm.cpus_per_worker, "ldm")
         ds = ray.data.read_parquet(str(latents_dir / "data"))
         rows = ds.count()  # of the bare read: from the Parquet metadata, without reading the latents
-        datasets, split = {"train": ds.select_columns(LATENT_COLUMNS)}, True
-        loop_config["dataset_name"] = "train"
+        datasets = {"train": ds.select_columns(LATENT_COLUMNS)}
     else:
-        # A Dataset copies the DataContext when it is created: order is preserved from the read on.
-        ctx = ray.data.DataContext.get_current()
-        order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-        try:
-            ds = ray.data.read_parquet(str(latents_dir / "data")).select_columns(LATENT_COLUMNS)
-            parts = ds.materialize().split(workers, equal=True)
-        finally:
-            ctx.execution_options.preserve_order = order
-        datasets, split = {f"train_{rank}": part for rank, part in enumerate(parts)}, False
-        loop_config["dataset_name"] = "train_{rank}"
-        rows = sum(part.count() for part in parts)
-    loop_config["batch_size"] = fit_batch_size(rows, cfg.ldm.batch_size, workers, "ldm")
-    storage = cfg.ldm.storage_path or str(Path(cfg.workdir).resolve() / "ray_results")
-    if "://" not in storage:
-        loop_config["fail_marker"] = str(Path(storage) / name / "injected_failure")
-        loop_config["unlogged_path"] = str(Path(storage) / name / "unlogged_metrics.jsonl")
+        rows = json.loads((latents_dir / "metadata.json").read_text())["samples"]
+    storage = ldm.storage_path or str(Path(cfg.workdir).resolve() / "ray_results")
+    # Kept on the workdir (shared by the nodes) even when checkpoints go to an object store.
+    unlogged = str(Path(cfg.workdir).resolve() / "ray_results" / name / "unlogged_metrics.jsonl")
+    loop = build_loop_config(cfg, latents_dir, run_id, unlogged, rows)
+    loop.progress = progress_board()
     start = time.perf_counter()
     result = fit(
-        ldm_train_loop, loop_config, name=name, storage_path=storage, num_workers=workers,
-        use_gpu=cfg.ldm.use_gpu, datasets=datasets, cpus_per_worker=cfg.ldm.cpus_per_worker,
-        max_failures=cfg.ldm.max_failures, num_to_keep=cfg.ldm.keep_checkpoints, split_datasets=split,
+        ldm_train_loop, {"loop": loop}, name=name, storage_path=storage, num_workers=workers,
+        use_gpu=ldm.use_gpu, datasets=datasets, cpus_per_worker=ldm.cpus_per_worker,
+        max_failures=ldm.max_failures, num_to_keep=ldm.keep_checkpoints, split_datasets=True,
+        watchdog=StallWatchdog(loop.progress, ldm.stall_timeout_s, f"ldm: {stall_hint(cfg)}"),
     )
     seconds = time.perf_counter() - start
+    starts = ray.get(loop.progress.snapshot.remote())["starts"]
     if result.checkpoint is None:
         raise RuntimeError(f"ldm training at {result.path} reported no checkpoint")
     with result.checkpoint.as_directory() as directory:
@@ -501,10 +465,12 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
                 raise RuntimeError(f"final ldm checkpoint {result.checkpoint.path} has no {name_}")
             (out_dir / name_).write_bytes((Path(directory) / name_).read_bytes())
         progress = json.loads((Path(directory) / "progress.json").read_text())
-    ldm = cfg.ldm
-    global_batch = loop_config["batch_size"] * ldm.grad_accum * workers
+    global_batch = loop.global_batch(workers)
+    trained = ldm.max_steps - (starts[0]["step"] if starts else 0)
     return {"final_loss": float((result.metrics or {}).get("loss", math.nan)),
-            "train_img_per_s": ldm.max_steps * global_batch / seconds,
+            "train_img_per_s": trained * global_batch / seconds,
             "global_batch": global_batch,
             "nonfinite_steps": int(progress.get("nonfinite_steps", 0)),
-            "params": sum(v.numel() for v in load_file(str(out_dir / "unet.safetensors")).values())}
+            "worker_group_restarts": max(0, len(starts) - 1),
+            "world_sizes": sorted({s["world_size"] for s in starts}),
+            "params": count_parameters(out_dir / "unet.safetensors")}

@@ -1,0 +1,66 @@
+"""The ldm stage's checkpoints and its exported UNet.
+
+A checkpoint directory holds DeepSpeed's state from every rank (weights, optimizer, LR schedule),
+each rank's RNG state, and on rank 0 the EMA weights and `progress.json` (the step, counters). The
+position in the data is the step: the global order (`pipeline.training.latents`) says what comes next.
+The exported UNet is the served artefact: its constructor arguments and the EMA weights, no pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.training.ema import EMA
+
+PROGRESS_FILE = "progress.json"
+EMA_FILE = "ema.safetensors"
+
+
+def save_checkpoint(engine, ema: EMA, progress: dict, generator: torch.Generator, rank: int, directory: str) -> None:
+    """DeepSpeed state and this rank's RNG state on every rank; EMA weights and progress on rank 0."""
+    engine.save_checkpoint(directory, tag="deepspeed")
+    save_file({"state": generator.get_state()}, os.path.join(directory, f"rng_rank{rank}.safetensors"))
+    if ema.keep:
+        save_file(ema.cpu_weights(), os.path.join(directory, EMA_FILE))
+        with open(os.path.join(directory, PROGRESS_FILE), "w") as f:
+            json.dump(progress, f)
+
+
+def load_checkpoint(engine, ema: EMA, generator: torch.Generator, rank: int, directory: str) -> dict:
+    """Restore DeepSpeed, EMA and RNG state; returns the progress record."""
+    engine.load_checkpoint(directory, tag="deepspeed")
+    if ema.keep:
+        device = next(iter(ema.shadow.values())).device if ema.shadow else "cpu"
+        ema.shadow = {k: v.to(device) for k, v in load_file(os.path.join(directory, EMA_FILE)).items()}
+    rng = os.path.join(directory, f"rng_rank{rank}.safetensors")
+    if os.path.isfile(rng):
+        generator.set_state(load_file(rng)["state"])
+    with open(os.path.join(directory, PROGRESS_FILE)) as f:
+        return json.load(f)
+
+
+def export_unet(unet_cfg: dict, weights: dict, directory: str) -> None:
+    """The served artefact: the UNet's constructor arguments and its (EMA) weights."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / "unet.json").write_text(json.dumps(unet_cfg, indent=2))
+    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(directory, "unet.safetensors"))
+
+
+def count_parameters(safetensors_path: str | Path) -> int:
+    """Elements in a safetensors file, read from its header (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(safetensors_path), framework="pt") as f:
+        total = 0
+        for name in f.keys():
+            shape = f.get_slice(name).get_shape()
+            n = 1
+            for dim in shape:
+                n *= dim
+            total += n
+    return total

@@ -1,0 +1,102 @@
+"""The ldm stage's input: the latent dataset, read by each training worker from its Parquet files,
+in one global order that does not depend on the number of workers.
+
+The encode stage writes the latents on storage every node reads (the shared workdir). Each worker
+reads them itself, so nothing it needs lives in Ray's object store: when a node is lost, the
+restarted workers read the files again and need no CPU beyond the ones they hold (materialised
+blocks would die with the node, and re-reading them needs a free CPU the workers hold).
+
+Order: global step s (counting from 0) trains on global batch s, the rows
+`permutation(epoch)[j * G:(j + 1) * G]` with `epoch = s // steps_per_epoch`, `j = s % steps_per_epoch`
+and G the global batch (micro batch x workers x gradient accumulation). Micro-batch m of rank r
+in that step is slice `m * world + r` of it. A resumed run, on any number of workers with the same
+global batch, trains on the same samples in the same order.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.conditioning import Conditioning
+
+LATENT_COLUMNS = ["latent", "tokens", "mask", "pooled"]
+
+
+def parquet_files(data_dir: str) -> list[str]:
+    """The Parquet files of a latent dataset directory (local or any pyarrow filesystem URI), sorted."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(data_dir) if "://" in data_dir else (pafs.LocalFileSystem(), data_dir)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    files = sorted(info.path for info in infos if info.type == pafs.FileType.File and info.path.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files in the latent dataset {data_dir}")
+    return files if "://" not in data_dir else [f"{data_dir.split('://')[0]}://{f}" for f in files]
+
+
+class LatentTable:
+    """The latent dataset's training columns, held in this worker's memory as numpy arrays."""
+
+    def __init__(self, data_dir: str):
+        import pyarrow.parquet as pq
+
+        import ray.data  # noqa: F401 - registers the tensor extension types the columns are stored as
+
+        table = pq.read_table(parquet_files(data_dir), columns=LATENT_COLUMNS)
+        self.columns = {name: table.column(name).combine_chunks().to_numpy() for name in LATENT_COLUMNS}
+        self.rows = table.num_rows
+
+    def batch(self, rows: np.ndarray, device: torch.device, latent_scale: float) -> tuple[torch.Tensor, Conditioning]:
+        """Scaled latents x0 (B, C, H, W) and their text conditions for the given row indices."""
+        c = self.columns
+        x0 = torch.from_numpy(c["latent"][rows]).to(device).float() * latent_scale
+        cond = Conditioning(torch.from_numpy(c["tokens"][rows]), torch.from_numpy(c["mask"][rows]),
+                            torch.from_numpy(c["pooled"][rows]))
+        return x0, cond.to(device, torch.float32)
+
+
+@dataclass(frozen=True)
+class GlobalOrder:
+    """Which rows each optimizer step trains on, the same for every number of workers."""
+
+    rows: int
+    global_batch: int
+    seed: int
+
+    def __post_init__(self):
+        if self.global_batch > self.rows:
+            raise ValueError(f"a global batch of {self.global_batch} needs at least that many latents, got {self.rows}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.rows // self.global_batch
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return _permutation(self.rows, self.seed, epoch)
+
+    def step_rows(self, step: int) -> np.ndarray:
+        """The global batch of step `step` (counting from 0): G row indices."""
+        j = step % self.steps_per_epoch
+        return self.permutation(self.epoch_of(step))[j * self.global_batch:(j + 1) * self.global_batch]
+
+    def micro_batch(self, step: int, micro: int, rank: int, world: int, size: int) -> np.ndarray:
+        """Rank `rank`'s micro-batch `micro` (of `size` rows) of step `step`: slice micro * world + rank."""
+        k = micro * world + rank
+        if (k + 1) * size > self.global_batch:
+            raise ValueError(f"micro-batch {micro} of rank {rank}/{world} ({size} rows) is outside the global batch "
+                             f"of {self.global_batch}")
+        return self.step_rows(step)[k * size:(k + 1) * size]
+
+
+@functools.lru_cache(maxsize=2)  # every step of an epoch reads the same one
+def _permutation(rows: int, seed: int, epoch: int) -> np.ndarray:
+    order = np.random.default_rng([seed, epoch]).permutation(rows)
+    order.flags.writeable = False
+    return order
