@@ -60,6 +60,33 @@ def init_ray(address: str = "") -> None:
     ctx.enable_progress_bars = True
 
 
+# A driver waiting for a task says so (with Ray's pending demands) this often.
+TASK_REPORT_S = 60.0
+
+
+def run_task(fn: Callable, *args, num_cpus: float = 1.0, num_gpus: float = 0.0, **kwargs):
+    """`fn(*args, **kwargs)` as a Ray task with declared resources (a GPU on a cluster), its result.
+
+    The job's driver coordinates, it does not compute: on KubeRay it runs on the head, which holds
+    no CPU for work and would be killed for the memory. torch runs `num_cpus` threads in the task.
+    A task that waits longer than TASK_REPORT_S says so, with what Ray is waiting for.
+    """
+    from pipeline.training.progress import pending_demands
+
+    threads = max(1, int(num_cpus))
+
+    def call(*a, **k):
+        torch.set_num_threads(threads)
+        return fn(*a, **k)
+
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)(call).options(name=fn.__name__)
+    ref, start = task.remote(*args, **kwargs), time.monotonic()
+    while not ray.wait([ref], timeout=TASK_REPORT_S)[0]:
+        print(f"[{fn.__name__}] still running or waiting after {time.monotonic() - start:.0f} s (needs "
+              f"{num_cpus:g} CPU, {num_gpus:g} GPU); Ray is waiting for: {pending_demands()}", flush=True)
+    return ray.get(ref)
+
+
 def check_cpus_left_for_streaming(ray_address: str, num_workers: int, cpus_per_worker: float, name: str) -> None:
     """Streaming ingest reads with Ray Data tasks while the trainers run, on CPUs the trainers do not
     hold; where there are none it waits forever. A local Ray instance cannot grow, so that is
