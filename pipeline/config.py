@@ -93,6 +93,9 @@ class VQConfig:
     """Linear LR warmup, then cosine decay to zero at max_steps."""
     max_train_images: int = 50_000
     """Training images materialised in the object store for the vq fit (a subset on large data)."""
+    eval_batch_size: int = 64
+    """Images per chunk when the latent scale and the held-out metrics are measured (bounds the
+    evaluation task's memory: at 256 px and 128 channels one activation of 64 images is ~2 GiB)."""
     num_workers: int = 1
     cpus_per_worker: int = 2
     use_gpu: bool = False
@@ -100,7 +103,8 @@ class VQConfig:
     def __post_init__(self):
         if self.downsample not in (4, 8):
             raise ConfigError(f"vq.downsample must be 4 or 8, got {self.downsample}")
-        _positive("vq", max_steps=self.max_steps, batch_size=self.batch_size, num_workers=self.num_workers)
+        _positive("vq", max_steps=self.max_steps, batch_size=self.batch_size, num_workers=self.num_workers,
+                  eval_batch_size=self.eval_batch_size)
         if self.warmup_steps < 0:
             raise ConfigError(f"vq.warmup_steps must be >= 0, got {self.warmup_steps}")
 

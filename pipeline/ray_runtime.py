@@ -87,6 +87,13 @@ def run_task(fn: Callable, *args, num_cpus: float = 1.0, num_gpus: float = 0.0, 
     return ray.get(ref)
 
 
+def task_resources(section) -> dict:
+    """The resources of a stage's evaluation task, from its training section (use_gpu, cpus_per_worker)."""
+    if section.use_gpu:
+        return {"num_cpus": 1.0, "num_gpus": 1.0}
+    return {"num_cpus": float(section.cpus_per_worker), "num_gpus": 0.0}
+
+
 def check_cpus_left_for_streaming(ray_address: str, num_workers: int, cpus_per_worker: float, name: str) -> None:
     """Streaming ingest reads with Ray Data tasks while the trainers run, on CPUs the trainers do not
     hold; where there are none it waits forever. A local Ray instance cannot grow, so that is

@@ -17,7 +17,7 @@ import mlflow
 
 from pipeline.config import PipelineConfig, to_flat_dict, to_yaml
 from pipeline.data.shards import resolve_shards, write_demo_shards
-from pipeline.ray_runtime import init_ray
+from pipeline.ray_runtime import init_ray, run_task
 from pipeline.stages.cache import StageResult, content_key, dir_digest, run_stage
 
 def _shard_listing_key(shards: list[str]) -> str:
@@ -127,6 +127,7 @@ class Workflow:
             "samples_dir": str(samples.output),
             "workdir": str(self.workdir),
             "stages": {name: result.summary() for name, result in self.results.items()},
+            "driver": driver_figures(),
         }
         mlflow.log_dict(summary, "summary.json")
         path = self.workdir / "summary.json"
@@ -153,8 +154,8 @@ class Workflow:
                           str(cfg.data.demo_shard_size), str(cfg.seed))
 
         def work(out: Path, run_id: str) -> dict:
-            written = write_demo_shards(out, cfg.data.demo_num_samples, cfg.data.image_size, cfg.seed,
-                                        cfg.data.demo_shard_size)
+            written = run_task(write_demo_shards, out, cfg.data.demo_num_samples, cfg.data.image_size, cfg.seed,
+                               cfg.data.demo_shard_size)
             return {"samples": cfg.data.demo_num_samples, "shards": len(written)}
 
         result = self.stage("shards", key, work)
@@ -210,12 +211,19 @@ class Workflow:
         metrics = {"images": len(records), "img_per_s": len(records) / seconds}
         metrics.update(demo_adherence(out, records))
         if not cfg.data.shards and s.adherence_images > 0:
-            from pipeline.model_package import PipelineModel
-
-            model = PipelineModel.from_uri(model_uri, cfg.tracking_uri)
-            for scale in dict.fromkeys([1.0, float(s.guidance_scale)]):
-                metrics.update(evaluate_demo_adherence(model, s.adherence_images, scale, s.steps, s.sampler, s.seed))
+            metrics.update(run_task(demo_adherence_at_scales, model_uri, cfg.tracking_uri, s,
+                                    num_cpus=cfg.serve.num_cpus, num_gpus=cfg.serve.num_gpus))
         return metrics
+
+
+def driver_figures() -> dict:
+    """Where the job's driver ran and its peak memory: it coordinates, the work runs in Ray."""
+    import resource
+
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def demo_adherence(out: Path, records) -> dict:
@@ -234,6 +242,21 @@ def demo_adherence(out: Path, records) -> dict:
     if not judged:
         return {}
     return {f"grid_adherence_g{records[0].guidance_scale:g}": adherence_of(judged)["all"]}
+
+
+def demo_adherence_at_scales(model_uri: str, tracking_uri: str, s) -> dict:
+    """A Ray task (`run_task`): adherence at guidance 1 and `samples.guidance_scale` (SamplesConfig `s`)."""
+    import torch
+
+    from pipeline.model_package import PipelineModel
+
+    model = PipelineModel.from_uri(model_uri, tracking_uri)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    metrics = {}
+    for scale in dict.fromkeys([1.0, float(s.guidance_scale)]):
+        metrics.update(evaluate_demo_adherence(model, s.adherence_images, scale, s.steps, s.sampler, s.seed))
+    return metrics
 
 
 def evaluate_demo_adherence(model, images: int, guidance_scale: float, steps: int, sampler: str, seed: int,

@@ -21,7 +21,8 @@ from pipeline.data.reader import images_to_tensor, read_captioned_images
 from pipeline.model_package import is_model_uri
 from pipeline.models.text import (AUTO_CONTEXT_MIN, TextEncoder, TinyClipConfig, auto_context_length, build_text_encoder,
                                   clip_image_preprocess, resize_for_clip, token_counts, truncation)
-from pipeline.ray_runtime import ProgressLine, batches_until, fit_small_model, report_final_model, warmup_cosine
+from pipeline.ray_runtime import (ProgressLine, batches_until, fit_small_model, report_final_model, run_task,
+                                  task_resources, warmup_cosine)
 from pipeline.tracking import MetricLogger
 
 RETRIEVAL_SAMPLES = 100
@@ -112,22 +113,42 @@ def retrieval_top1(encoder: TextEncoder, images: torch.Tensor, captions: list[st
     return metrics
 
 
-def run_clip(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | None) -> dict:
-    """Train (or load) the CLIP text encoder into `out_dir`; returns held-out retrieval metrics."""
-    train_ds = read_captioned_images(shards, cfg.data.image_size, "train", cfg.data.heldout_fraction,
-                                     max_image_pixels=cfg.data.max_image_pixels)
+def save_encoder(cfg: PipelineConfig, out_dir: str) -> None:
+    """A Ray task (`run_task`): load the configured pretrained encoder (ours by directory or URI,
+    or an open_clip model) and save it into `out_dir`; big encoders never load in the driver."""
     pretrained = cfg.clip.pretrained
-    metrics: dict = {}
     if pretrained and (is_model_uri(pretrained) or (Path(pretrained) / "model.json").is_file()):
         from pipeline.components import load_text_encoder  # a saved or registered encoder of ours
 
         load_text_encoder(pretrained, cfg.tracking_uri).save(out_dir)
-    elif pretrained or cfg.clip.model != "tiny":
-        encoder = build_text_encoder(encoder_spec(cfg), pretrained=pretrained or None)
-        encoder.save(out_dir)
+    else:
+        build_text_encoder(encoder_spec(cfg), pretrained=pretrained or None).save(out_dir)
+
+
+def heldout_retrieval(encoder_dir: str, heldout_ds) -> dict:
+    """A Ray task (`run_task`): `retrieval_top1` of the saved encoder on up to RETRIEVAL_SAMPLES
+    held-out samples (on this task's GPU if it has one)."""
+    rows = heldout_ds.take_batch(RETRIEVAL_SAMPLES, batch_format="numpy")
+    if len(rows["key"]) == 0:
+        return {}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = TextEncoder.load(encoder_dir).to(device)
+    return retrieval_top1(encoder, images_to_tensor(rows["image"]).to(device), list(rows["caption"]))
+
+
+def run_clip(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | None) -> dict:
+    """Train (or load) the CLIP text encoder into `out_dir`; returns held-out retrieval metrics.
+
+    The driver only wires the work: training runs on Ray Train, loading a pretrained encoder and
+    the retrieval figure in Ray tasks with the stage's resources."""
+    read = dict(image_size=cfg.data.image_size, heldout_fraction=cfg.data.heldout_fraction,
+                max_image_pixels=cfg.data.max_image_pixels)
+    metrics: dict = {}
+    if cfg.clip.pretrained or cfg.clip.model != "tiny":
+        run_task(save_encoder, cfg, str(out_dir), **task_resources(cfg.clip))
     else:
         # Materialised here (not only inside the fit) so the caption lengths read no shard again.
-        train_ds = train_ds.limit(cfg.clip.max_train_images).materialize()
+        train_ds = read_captioned_images(shards, split="train", **read).limit(cfg.clip.max_train_images).materialize()
         captions = [row["caption"] for row in train_ds.select_columns(["caption"]).take_all()]
         counts = token_counts(open_clip.tokenizer.SimpleTokenizer(), captions, 0)
         context = cfg.clip.context_length or auto_context_length(counts)
@@ -135,10 +156,5 @@ def run_clip(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str 
         fit_small_model(clip_train_loop, {"spec": encoder_spec(cfg, context)}, cfg.clip, seed=cfg.seed,
                         tracking_uri=cfg.tracking_uri, run_id=run_id, train_ds=train_ds, out_dir=out_dir,
                         workdir=cfg.workdir, name="clip")
-    encoder = TextEncoder.load(out_dir)
-    heldout = read_captioned_images(shards, cfg.data.image_size, "heldout", cfg.data.heldout_fraction,
-                                    max_image_pixels=cfg.data.max_image_pixels)
-    rows = heldout.limit(RETRIEVAL_SAMPLES).take_batch(RETRIEVAL_SAMPLES, batch_format="numpy")
-    if len(rows["key"]) == 0:
-        return metrics
-    return {**metrics, **retrieval_top1(encoder, images_to_tensor(rows["image"]), list(rows["caption"]))}
+    heldout = read_captioned_images(shards, split="heldout", **read).limit(RETRIEVAL_SAMPLES).materialize()
+    return {**metrics, **run_task(heldout_retrieval, str(out_dir), heldout, **task_resources(cfg.clip))}

@@ -30,6 +30,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data.reader import counts_summary, images_to_tensor, read_captioned_images, read_shard_counts, sum_counts
 from pipeline.models.text import TextEncoder, truncation
 from pipeline.models.vq import VQModel
+from pipeline.ray_runtime import run_task
 
 
 class FrozenEncoders:
@@ -89,10 +90,8 @@ def run_encode(cfg: PipelineConfig, shards: list[str], vq_dir: Path, clip_dir: P
         raise RuntimeError(f"wrote {samples} rows but the readers counted {counts['samples']} good samples")
     if samples == 0:
         raise ValueError(f"no usable samples in data.shards ({len(shards)} shards); skipped: {counts['skipped']}")
-    text = TextEncoder.load(clip_dir)
-    null = text.null()
-    save_file({"tokens": null.tokens.contiguous(), "mask": null.mask.contiguous(), "pooled": null.pooled.contiguous()},
-              str(out_dir / "null_condition.safetensors"))
+    run_task(save_null_condition, str(clip_dir), str(out_dir / "null_condition.safetensors"),
+             num_cpus=1.0, num_gpus=cfg.encode.num_gpus_per_actor and 1.0)
     schema = pq.read_schema(str(files[0]))  # Ray's tensor columns carry their shapes
     tokens_shape = schema.field("tokens").type.shape
     counts_col = pq.read_table([str(path) for path in files], columns=["caption_tokens"]).column("caption_tokens")
@@ -117,6 +116,13 @@ def run_encode(cfg: PipelineConfig, shards: list[str], vq_dir: Path, clip_dir: P
     (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=2))
     return {"samples": samples, "unconditional": counts["unconditional"], "skipped": counts["skipped"],
             "bytes_per_sample": round(data_bytes / samples, 1), **truncated}
+
+
+def save_null_condition(clip_dir: str, path: str) -> None:
+    """A Ray task (`run_task`): the encoding of the empty caption, the null condition of guidance."""
+    null = TextEncoder.load(clip_dir).null()
+    save_file({"tokens": null.tokens.contiguous(), "mask": null.mask.contiguous(), "pooled": null.pooled.contiguous()},
+              path)
 
 
 def load_null_condition(latents_dir: Path) -> Conditioning:

@@ -7,6 +7,7 @@ and `recon.png`, a held-out reconstruction grid. Metrics: held-out `psnr` and `c
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from torch.nn import functional as F
 
 from pipeline.config import PipelineConfig, check_image_size
 from pipeline.data.reader import images_to_tensor, read_captioned_images
-from pipeline.models.vq import VQModel, VQModelConfig, psnr
-from pipeline.ray_runtime import ProgressLine, batches_until, fit_small_model, report_final_model, warmup_cosine
+from pipeline.models.vq import VQModel, VQModelConfig
+from pipeline.ray_runtime import (ProgressLine, batches_until, fit_small_model, report_final_model, run_task,
+                                  task_resources, warmup_cosine)
 from pipeline.tracking import MetricLogger
 
 # Enough held-out and training images for stable metrics and latent statistics, bounded in memory.
@@ -71,30 +73,41 @@ def vq_train_loop(config: dict) -> None:
     report_final_model(core.save, step)
 
 
-def take_images(ds, limit: int) -> torch.Tensor:
-    rows = ds.limit(limit).take_batch(limit, batch_format="numpy")
-    if len(rows["image"]) == 0:
-        raise ValueError("no usable images found in data.shards")
-    return images_to_tensor(rows["image"])
+def image_batches(ds, chunk: int, device: torch.device):
+    """A materialised dataset's images as (B, 3, H, W) tensors in [-1, 1], `chunk` at a time."""
+    for batch in ds.iter_batches(batch_size=chunk, batch_format="numpy"):
+        yield images_to_tensor(batch["image"]).to(device)
 
 
 @torch.no_grad()
-def evaluate(model: VQModel, images: torch.Tensor, batch: int = 256) -> dict:
-    """Held-out PSNR (dB) and the fraction of codebook entries used."""
-    recons, codes = [], []
-    for chunk in images.split(batch):
-        recon, indices, _ = model(chunk)
-        recons.append(recon)
-        codes.append(indices.flatten())
-    used = torch.unique(torch.cat(codes)).numel()
-    return {"psnr": psnr(images, torch.cat(recons)), "codebook_usage": used / model.cfg.codebook_size}
+def evaluate(model: VQModel, batches) -> dict:
+    """Held-out PSNR (dB) and the fraction of codebook entries used, chunk by chunk."""
+    squared, count, used = 0.0, 0, set()
+    for images in batches:
+        recon, indices, _ = model(images)
+        squared += F.mse_loss(recon.clamp(-1, 1), images, reduction="sum").item()
+        count += images.numel()
+        used.update(indices.flatten().tolist())
+    if count == 0:
+        raise ValueError("no usable held-out images found in data.shards")
+    mse = squared / count
+    return {"psnr": float("inf") if mse == 0 else 10 * math.log10(4.0 / mse),
+            "codebook_usage": len(used) / model.cfg.codebook_size}
 
 
 @torch.no_grad()
-def measure_latent_scale(model: VQModel, images: torch.Tensor) -> float:
+def measure_latent_scale(model: VQModel, batches) -> float:
     """1 / std of the pre-quantization latents, so the LDM diffuses unit-variance latents."""
-    latents = torch.cat([model.encode(chunk) for chunk in images.split(256)])
-    return float(1.0 / latents.std().clamp_min(1e-6))
+    total, squares, count = 0.0, 0.0, 0
+    for images in batches:
+        latents = model.encode(images).double()
+        total += latents.sum().item()
+        squares += latents.pow(2).sum().item()
+        count += latents.numel()
+    if count < 2:
+        raise ValueError("no usable images found in data.shards")
+    variance = (squares - total * total / count) / (count - 1)
+    return float(1.0 / max(math.sqrt(max(variance, 0.0)), 1e-6))
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
@@ -104,33 +117,52 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
     save_image((images.clamp(-1, 1) + 1) / 2, str(path), nrow=nrow, padding=1)
 
 
-def run_vq(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | None) -> dict:
-    """Train (or load) the VQ model into `out_dir`; returns the held-out metrics."""
-    if cfg.vq.pretrained:  # a VQ model directory or a registered model's URI (pipeline.components)
-        from pipeline.components import load_vq
+def finish_vq(model_dir: str, out_dir: str, train_ds, heldout_ds, chunk: int) -> dict:
+    """A Ray task (`run_task`): measure the latent scale on training images, save the model with it
+    into `out_dir`, and evaluate it on the held-out images (metrics and `recon.png`), `chunk` images
+    at a time, on this task's GPU if it has one."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = VQModel.load(model_dir)[0].to(device)
+    latent_scale = measure_latent_scale(model, image_batches(train_ds, chunk, device))
+    model.save(out_dir, latent_scale=latent_scale)
+    metrics = evaluate(model, image_batches(heldout_ds, chunk, device))
+    first = next(image_batches(heldout_ds.limit(16), 16, device))
+    with torch.no_grad():
+        recon = model(first)[0]
+    save_grid(torch.cat([first, recon]).cpu(), Path(out_dir) / "recon.png", nrow=len(first))
+    return {**metrics, "latent_scale": latent_scale}
 
-        model, _ = load_vq(cfg.vq.pretrained, cfg.tracking_uri)  # checked before any shard is read
-        check_image_size(cfg.data.image_size, model.cfg.downsample, cfg.ldm.preset,
-                         vq_key=f"the downsampling of vq.pretrained={cfg.vq.pretrained}")
-    train_ds = read_captioned_images(shards, cfg.data.image_size, "train", cfg.data.heldout_fraction,
-                                     max_image_pixels=cfg.data.max_image_pixels)
-    heldout = take_images(
-        read_captioned_images(shards, cfg.data.image_size, "heldout", cfg.data.heldout_fraction,
-                          max_image_pixels=cfg.data.max_image_pixels), MAX_EVAL_IMAGES
-    )
+
+def pretrained_dir(cfg: PipelineConfig) -> Path:
+    """The directory of `vq.pretrained` (downloaded if a model URI), its downsampling checked from
+    model.json before any shard is read (no weights loaded here, in the driver)."""
+    import json
+
+    from pipeline.components import COMPONENT_FILES
+    from pipeline.model_package import resolve_model_uri
+
+    directory = resolve_model_uri(cfg.vq.pretrained, cfg.tracking_uri, COMPONENT_FILES)
+    downsample = json.loads((directory / "model.json").read_text())["config"]["downsample"]
+    check_image_size(cfg.data.image_size, downsample, cfg.ldm.preset,
+                     vq_key=f"the downsampling of vq.pretrained={cfg.vq.pretrained}")
+    return directory
+
+
+def run_vq(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | None) -> dict:
+    """Train (or load) the VQ model into `out_dir`; returns the held-out metrics.
+
+    The driver only wires the work: training runs on Ray Train, the latent scale and the held-out
+    metrics in a Ray task with the stage's resources (`finish_vq`)."""
+    source = pretrained_dir(cfg) if cfg.vq.pretrained else out_dir
+    read = dict(image_size=cfg.data.image_size, heldout_fraction=cfg.data.heldout_fraction,
+                max_image_pixels=cfg.data.max_image_pixels)
+    train_ds = read_captioned_images(shards, split="train", **read)
+    heldout = read_captioned_images(shards, split="heldout", **read).limit(MAX_EVAL_IMAGES).materialize()
     if not cfg.vq.pretrained:
         # Materialised here (not only inside the fit) so the latent scale below reads no shard again.
         train_ds = train_ds.limit(cfg.vq.max_train_images).materialize()
         fit_small_model(vq_train_loop, {"model": asdict(model_config(cfg))}, cfg.vq, seed=cfg.seed,
                         tracking_uri=cfg.tracking_uri, run_id=run_id, train_ds=train_ds, out_dir=out_dir,
                         workdir=cfg.workdir, name="vq")
-        model, _ = VQModel.load(out_dir)
-    latent_scale = measure_latent_scale(model, take_images(train_ds, MAX_EVAL_IMAGES))
-    model.save(out_dir, latent_scale=latent_scale)
-    metrics = evaluate(model, heldout)
-    metrics["latent_scale"] = latent_scale
-    n = min(16, len(heldout))
-    with torch.no_grad():
-        recon = model(heldout[:n])[0]
-    save_grid(torch.cat([heldout[:n], recon]), out_dir / "recon.png", nrow=n)
-    return metrics
+    return run_task(finish_vq, str(source), str(out_dir), train_ds.limit(MAX_EVAL_IMAGES).materialize(), heldout,
+                    cfg.vq.eval_batch_size, **task_resources(cfg.vq))
