@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 WORKDIR ?= work
 
-.PHONY: install demo test mlflow-ui clean
+.PHONY: install demo test mlflow-ui cluster-up cluster-down gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,20 @@ test: install
 # Browse the runs of the local store the demo writes (<workdir>/mlflow.db).
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORKDIR))/mlflow.db --host 127.0.0.1 --port 5000
+
+# A head with no CPUs and three one-CPU worker nodes on this machine (README, "On a cluster").
+CLUSTER_DIR ?= /tmp/ldm-local-cluster
+cluster-up: install
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pipeline.localcluster up --dir $(CLUSTER_DIR)
+
+cluster-down:
+	$(PY) -m pipeline.localcluster down --dir $(CLUSTER_DIR)
+
+# On a GPU machine with the project's dependencies installed (no install step: such machines may
+# have no package index): the workflow through the GPU paths, then the medium and sd bf16 steps.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PY) jobs/gpu_check.py
 
 clean:
 	rm -rf $(WORKDIR) out

@@ -4,12 +4,13 @@
     python jobs/benchmark.py sampler                         # 50-step guided DDIM vs diffusers' DDIMScheduler
     python jobs/benchmark.py encode                          # Ray Data encode stage vs a bare loop
     python jobs/benchmark.py serve                           # Ray Serve load test, batched vs one at a time
+    python jobs/benchmark.py gpu_step                        # bf16 step of the medium and sd presets on a GPU
 """
 import importlib
 import json
 import sys
 
-BENCHMARKS = ("unet", "sampler", "encode", "serve")
+BENCHMARKS = ("unet", "sampler", "encode", "serve", "gpu_step")
 
 
 def main(argv: list[str]) -> int:

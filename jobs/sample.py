@@ -2,6 +2,10 @@
 
     python jobs/sample.py --model URI (--prompts FILE | --prompt TEXT ...) --out DIR
         [--guidance-scale 3.0] [--steps N] [--sampler ddpm|ddim|dpmpp_2m] [--seed 0] [--num-per-prompt 1]
+        [--config FILE] [key=value ...]
+
+`key=value` overrides (serve.num_gpus=1, serve.port=8001, ray_address=..., mlflow.tracking_uri=...)
+apply to the config as in every job; a bad key is an error naming it.
 
 URI: models:/name/version, models:/name@alias, runs:/id/model, or a local model directory.
 Writes DIR/00000.png ..., DIR/grid.png and DIR/manifest.jsonl.
@@ -32,9 +36,10 @@ def main(argv=None) -> int:
                         help="MLflow tracking URI for models:/ and runs:/ URIs (default: MLFLOW_TRACKING_URI, "
                              "else the config's)")
     parser.add_argument("--config", default=None, help="config for serve.* and mlflow.* (default: demo.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, [])
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

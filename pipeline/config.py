@@ -201,7 +201,7 @@ class LDMConfig:
     max_nonfinite_steps: int = 10
     """A non-finite loss skips its step (counted as `nonfinite_steps`); this many in a row stop the run."""
     sample_every: int = 0
-    """Log a sample grid of `samples.prompts` from the EMA weights to MLflow every this many steps
+    """Log a sample grid of the samples stage's prompts (up to 16) from the EMA weights to MLflow every this many steps
     (0: only at the end of training)."""
     sample_grid_steps: int = 25
     """DDIM steps for those in-training grids (cheap; the samples stage uses `samples.steps`)."""
@@ -235,6 +235,12 @@ class LDMConfig:
 @dataclass
 class SamplesConfig:
     prompts: list[str] = field(default_factory=lambda: list(DEMO_PROMPTS))
+    """The prompts of the samples stage's grid (and the ldm stage's in-training grids). Empty, with
+    no `prompts_file`: the first `heldout_prompts` captions of the held-out split."""
+    prompts_file: str = ""
+    """A UTF-8 file with one prompt per line (on shared storage on a cluster); replaces `prompts`."""
+    heldout_prompts: int = 16
+    """How many held-out captions to sample when neither `prompts` nor `prompts_file` is given."""
     guidance_scale: float = 3.0
     steps: int = 50
     sampler: str = "ddim"

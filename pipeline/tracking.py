@@ -29,7 +29,13 @@ def setup_experiment(tracking_uri: str, experiment_name: str, workdir: str | Pat
         artifact_location = None
         if tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri:
             artifact_location = (Path(workdir).resolve() / "mlartifacts").as_uri()
-        experiment_id = mlflow.create_experiment(experiment_name, artifact_location=artifact_location)
+        try:
+            experiment_id = mlflow.create_experiment(experiment_name, artifact_location=artifact_location)
+        except mlflow.exceptions.MlflowException:  # another run on the same store created it meanwhile
+            experiment = mlflow.get_experiment_by_name(experiment_name)
+            if experiment is None:
+                raise
+            experiment_id = experiment.experiment_id
     else:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)

@@ -95,6 +95,7 @@ class Workflow:
         mlflow.log_text(to_yaml(cfg), "config.yaml")
         shards = self.shards()
         listing = _shard_listing_key(shards)
+        prompts = self.prompts(shards)  # checked before any training
         data_key = content_key(listing, str(cfg.data.image_size), str(cfg.data.heldout_fraction), str(cfg.seed))
 
         from pipeline.stages.clip import run_clip
@@ -112,10 +113,10 @@ class Workflow:
             lambda out, run_id: run_encode(cfg, shards, vq.output, clip.output, out))
         ldm_key = content_key("ldm", to_yaml(cfg.ldm), str(cfg.seed), encode.key)
         ldm = self.stage("ldm", ldm_key, lambda out, run_id: self.train_and_register(
-            encode.output, vq.output, clip.output, out, run_id))
+            encode.output, vq.output, clip.output, out, run_id, prompts))
         registered = json.loads((ldm.output / "registered.json").read_text())
-        samples = self.stage("samples", content_key("samples", to_yaml(cfg.samples), ldm.key),
-                             lambda out, run_id: self.sample(registered["model_uri"], out))
+        samples = self.stage("samples", content_key("samples", to_yaml(cfg.samples), ldm.key, *prompts),
+                             lambda out, run_id: self.sample(registered["model_uri"], prompts, out))
         mlflow.log_artifact(str(samples.output / "grid.png"), "samples")
         summary = {
             "model_uri": registered["model_uri"],
@@ -161,13 +162,14 @@ class Workflow:
         result = self.stage("shards", key, work)
         return resolve_shards(str(result.output))
 
-    def train_and_register(self, latents_dir: Path, vq_dir: Path, clip_dir: Path, out: Path, run_id: str) -> dict:
+    def train_and_register(self, latents_dir: Path, vq_dir: Path, clip_dir: Path, out: Path, run_id: str,
+                           prompts: list[str]) -> dict:
         """Train the UNet, assemble the pipeline model, log it to MLflow and register it."""
         from pipeline.model_package import MLFLOW_ARTIFACT, write_package
         from pipeline.stages.ldm import run_ldm
 
         cfg = self.cfg
-        metrics = run_ldm(cfg, latents_dir, out, run_id, name=f"ldm-{out.name.split('.')[0]}")
+        metrics = run_ldm(cfg, latents_dir, out, run_id, name=f"ldm-{out.name.split('.')[0]}", prompts=prompts)
         meta = json.loads((latents_dir / "metadata.json").read_text())
         package = out / "model"
         sampling = {"guidance_scale": cfg.samples.guidance_scale, "steps": cfg.samples.steps,
@@ -189,8 +191,33 @@ class Workflow:
             {"model_uri": model_uri, "logged_model_uri": info.model_uri, "run_id": run_id, "version": version}))
         return {**metrics, "model_version": int(version)}
 
-    def sample(self, model_uri: str, out: Path) -> dict:
-        """Serve the registered model with Ray Serve and sample the configured prompts."""
+    def prompts(self, shards: list[str]) -> list[str]:
+        """The samples stage's prompts: `samples.prompts_file`, else `samples.prompts`, else the first
+        `samples.heldout_prompts` captions of the held-out split (users' own data)."""
+        s = self.cfg.samples
+        if s.prompts_file:
+            path = Path(s.prompts_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"samples.prompts_file={s.prompts_file}: no such file")
+            prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if not prompts:
+                raise ValueError(f"samples.prompts_file={s.prompts_file} holds no prompt")
+            return prompts
+        if s.prompts:
+            return list(s.prompts)
+        from pipeline.data.reader import read_captioned_images
+
+        d = self.cfg.data
+        heldout = read_captioned_images(shards, d.image_size, "heldout", d.heldout_fraction,
+                                        max_image_pixels=d.max_image_pixels)
+        captions = [row["caption"] for row in heldout.select_columns(["caption"]).limit(s.heldout_prompts).take_all()]
+        if not captions:
+            raise ValueError("samples.prompts is empty and the held-out split has no caption to sample: set "
+                             "samples.prompts or samples.prompts_file")
+        return captions
+
+    def sample(self, model_uri: str, prompts: list[str], out: Path) -> dict:
+        """Serve the registered model with Ray Serve and sample the given prompts."""
         from ray import serve
 
         from pipeline.sample_client import ensure_app, generate_to_dir
@@ -200,7 +227,7 @@ class Workflow:
         started = ensure_app(model_uri, cfg.tracking_uri, cfg.serve, cfg.ray_address)
         try:
             start = time.perf_counter()
-            records = generate_to_dir(s.prompts, out, base_url=f"http://{cfg.serve.host}:{cfg.serve.port}",
+            records = generate_to_dir(prompts, out, base_url=f"http://{cfg.serve.host}:{cfg.serve.port}",
                                       guidance_scale=s.guidance_scale, steps=s.steps, sampler=s.sampler, seed=s.seed,
                                       num_per_prompt=s.num_per_prompt, concurrency=cfg.serve.max_batch_size)
             seconds = time.perf_counter() - start

@@ -400,6 +400,10 @@ def check_ray_cluster_spec(spec: dict, where: str) -> None:
         f"{where}: unknown fields {set(spec) - RAY_CLUSTER_SPEC_FIELDS}"
     )
     assert spec.get("rayVersion") == pinned_version("ray"), f"{where}: rayVersion"
+    auth = spec.get("authOptions", {})
+    assert auth.get("mode") == "token", f"{where}: Ray token authentication is off (authOptions.mode)"
+    secrets = {s["metadata"]["name"]: s["stringData"] for s in _load_documents(SECRETS_EXAMPLE)}
+    assert "auth_token" in secrets.get(auth.get("secretName"), {}), f"{where}: authOptions.secretName"
     assert spec.get("enableInTreeAutoscaling") is True, f"{where}: autoscaling is off"
     autoscaler = spec.get("autoscalerOptions", {})
     assert set(autoscaler) <= AUTOSCALER_FIELDS, f"{where}: unknown autoscalerOptions fields"
@@ -476,6 +480,10 @@ def test_ray_jobs_have_an_entrypoint_and_their_own_cluster():
         assert isinstance(runtime_env, dict), f"{where}: runtimeEnvYAML must be a YAML mapping"
         submitter = spec["submitterPodTemplate"]["spec"]
         assert submitter.get("restartPolicy") == "Never", f"{where}: submitter restartPolicy"
+        env = {e["name"]: e for e in submitter["containers"][0].get("env", [])}
+        token = spec["rayClusterSpec"]["authOptions"]["secretName"]
+        assert env["RAY_AUTH_MODE"]["value"] == "token", f"{where}: the submitter sends no token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": token, "key": "auth_token"}, where
 
 
 def cluster_shape(spec: dict) -> dict:

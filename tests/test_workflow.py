@@ -182,11 +182,11 @@ def test_a_second_run_finds_every_stage_cached(demo_run):
 
 def test_sample_job_writes_pngs_grid_and_manifest_deterministically(demo_run, tmp_path, free_port, monkeypatch):
     cfg, _, summary = demo_run
-    config = tmp_path / "serve.yaml"
-    config.write_text(f"serve:\n  port: {free_port}\n")
     main = runpy.run_path(str(ROOT / "jobs" / "sample.py"))["main"]
-    args = ["--model", summary["model_uri"], "--tracking-uri", summary["tracking_uri"], "--config", str(config),
+    args = ["--model", summary["model_uri"], "--tracking-uri", summary["tracking_uri"], f"serve.port={free_port}",
             "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--steps", "2", "--num-per-prompt", "2"]
+    assert main(args + ["serve.prot=1", "--out", str(tmp_path / "bad")]) == 2  # like every job: a bad key
+    assert not (tmp_path / "bad").exists()
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
     files = sorted(p.name for p in (tmp_path / "a").iterdir())

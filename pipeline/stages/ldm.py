@@ -388,7 +388,7 @@ class SampleGrids:
 
 
 def build_loop_config(cfg: PipelineConfig, latents_dir: Path, run_id: str | None, unlogged_path: str | None,
-                      rows: int) -> LDMLoopConfig:
+                      rows: int, prompts: list[str]) -> LDMLoopConfig:
     """The workers' config from ours and the latent dataset's metadata (tensors stay in files)."""
     meta = json.loads((latents_dir / "metadata.json").read_text())
     unet = unet_config(cfg.ldm.preset, in_channels=meta["latent_shape"][0], context_dim=meta["token_dim"],
@@ -399,7 +399,7 @@ def build_loop_config(cfg: PipelineConfig, latents_dir: Path, run_id: str | None
             f"latent side {side} (data.image_size {cfg.data.image_size} / vq.downsample {cfg.vq.downsample}) is not a "
             f"multiple of the '{cfg.ldm.preset}' UNet's downsampling factor {unet.downsample_factor}")
     ldm = cfg.ldm
-    prompts = list(cfg.samples.prompts)[:16]
+    prompts = list(prompts)[:16]
     grid = None
     if run_id and prompts and meta.get("clip_dir") and meta.get("vq_dir"):
         grid = GridConfig(prompts, meta["clip_dir"], meta["vq_dir"], meta["latent_shape"], cfg.samples.seed,
@@ -426,8 +426,10 @@ def stall_hint(cfg: PipelineConfig) -> str:
             f"Lower those, add nodes, or raise ldm.stall_timeout_s={ldm.stall_timeout_s:g} (0 waits forever).")
 
 
-def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str | None, name: str) -> dict:
-    """Train the UNet on the latent dataset; writes the EMA UNet into `out_dir`.
+def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str | None, name: str,
+            prompts: list[str] | None = None) -> dict:
+    """Train the UNet on the latent dataset; writes the EMA UNet into `out_dir`. `prompts`: those of
+    the in-training sample grids (default `samples.prompts`).
 
     Re-running with the same `name` and storage resumes from the run's latest checkpoint. By default
     every worker reads the latents from their files in the global order (exact resume);
@@ -446,7 +448,8 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
     storage = ldm.storage_path or str(Path(cfg.workdir).resolve() / "ray_results")
     # Kept on the workdir (shared by the nodes) even when checkpoints go to an object store.
     unlogged = str(Path(cfg.workdir).resolve() / "ray_results" / name / "unlogged_metrics.jsonl")
-    loop = build_loop_config(cfg, latents_dir, run_id, unlogged, rows)
+    loop = build_loop_config(cfg, latents_dir, run_id, unlogged, rows,
+                             cfg.samples.prompts if prompts is None else prompts)
     loop.progress = progress_board()
     start = time.perf_counter()
     result = fit(
