@@ -37,7 +37,7 @@ def main(argv=None) -> int:
                              "else the config's)")
     parser.add_argument("--config", default=None, help="config for serve.* and mlflow.* (default: demo.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may sit between the options
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -137,12 +137,16 @@ class LocalCluster:
         return name
 
     def kill_node(self, name: str) -> None:
-        """SIGKILL a worker node's raylet, as a spot reclaim would take the machine away."""
-        for pid, cmd in self._processes():
-            if "raylet/raylet" in cmd and f"{Path(self.root) / name}/" in cmd:
+        """SIGKILL every process of a worker node, its raylet first, as a spot reclaim takes the
+        machine away."""
+        mine = [(pid, cmd) for pid, cmd in self._processes() if f"{Path(self.root) / name}/" in cmd]
+        if not any("raylet/raylet" in cmd for _, cmd in mine):
+            raise RuntimeError(f"no raylet of node {name} is running")
+        for pid, _ in sorted(mine, key=lambda item: "raylet/raylet" not in item[1]):
+            try:
                 os.kill(pid, signal.SIGKILL)
-                return
-        raise RuntimeError(f"no raylet of node {name} is running")
+            except ProcessLookupError:
+                pass
 
     def down(self) -> None:
         """Stop every process of this cluster: SIGTERM, then SIGKILL what is left after 10 s."""
@@ -191,14 +195,20 @@ class LocalCluster:
         request = urllib.request.Request(f"{self.address}/nodes?view=summary", headers=self.auth_headers())
         with urllib.request.urlopen(request, timeout=30) as resp:
             summary = json.loads(resp.read())["data"]["summary"]
-        return [{"NodeID": n["raylet"]["nodeId"], "RayletSocketName": n["raylet"].get("rayletSocketName", ""),
-                 "state": n["raylet"]["state"]} for n in summary]
+        return [{"NodeID": n["raylet"]["nodeId"], "RayletSocketName": n["raylet"].get("rayletSocketName", "")}
+                for n in summary]
 
     def alive_nodes(self) -> list[dict]:
+        """The nodes the GCS holds alive (the state API), not the dashboard's cached view."""
+        import urllib.request
+
         try:
-            return [n for n in self._nodes() if n["state"] == "ALIVE"]
-        except OSError:
+            request = urllib.request.Request(f"{self.address}/api/v0/nodes?limit=1000", headers=self.auth_headers())
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                nodes = json.loads(resp.read())["data"]["result"]["result"]
+        except (OSError, ValueError, KeyError):
             return []
+        return [n for n in nodes if n["state"] == "ALIVE"]
 
     def wait_for_nodes(self, count: int, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s

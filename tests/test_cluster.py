@@ -4,7 +4,7 @@ jobs sent with `ray job submit --working-dir .`, read back through the Job API a
 
 One cluster for the module. Two jobs submitted at once on one workdir run the whole workflow (one
 waits for the other's stages); then a third trains a new UNet on the same workdir while one worker
-node's raylet is killed (a spot reclaim), and must still succeed with every step logged once.
+node is killed (a spot reclaim), and must still succeed with every step logged once.
 """
 
 import json
@@ -147,7 +147,7 @@ def test_a_job_without_the_token_is_refused(cluster, tmp_path):
 
 
 def test_a_lost_worker_node_costs_a_restart_not_the_run(cluster, two_jobs):
-    """ldm on 2 of the 3 worker nodes; the raylet of a node holding a train worker is killed after
+    """ldm on 2 of the 3 worker nodes; a node holding a train worker is killed (its raylet first) after
     the first checkpoint. Ray Train restarts the group on the two nodes left, resumes from the
     checkpoint, reads its input again from the shared workdir, and the job succeeds; the loss
     history holds every step exactly once."""
