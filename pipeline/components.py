@@ -20,11 +20,40 @@ from pathlib import Path
 from pipeline.model_package import resolve_model_uri
 
 KINDS = ("vq", "clip")
+# The `pipeline` package: logged models carry it as their code.
+PACKAGE_DIR = Path(__file__).resolve().parent
 COMPONENT_FILES = ("model.json", "model.safetensors")
 
 
 def registered_name(base: str, kind: str) -> str:
     return f"{base}-{kind}"
+
+
+def model_requirements() -> list[str]:
+    """What a logged model declares it needs: the project's pinned dependencies (every one on a
+    package index), not the project itself, whose code travels inside the model (`code_paths`)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        declared = requires("ldm-pipeline") or []
+    except PackageNotFoundError:
+        raise RuntimeError("the ldm-pipeline package is not installed (pip install -e .): its pinned dependencies "
+                           "are what a logged model declares") from None
+    return [requirement for requirement in declared if "extra ==" not in requirement]
+
+
+def log_and_register(name: str, python_model: Path, artifacts: dict[str, str], registered_model_name: str,
+                     alias: str) -> tuple[str, int]:
+    """Log a "models from code" pyfunc in the active MLflow run with the pipeline package as its
+    code, register it and point `alias` at the new version; returns (logged model URI, version)."""
+    import mlflow
+
+    info = mlflow.pyfunc.log_model(
+        name=name, python_model=str(python_model), artifacts=artifacts, registered_model_name=registered_model_name,
+        pip_requirements=model_requirements(), code_paths=[str(PACKAGE_DIR)])
+    version = int(info.registered_model_version)
+    mlflow.MlflowClient().set_registered_model_alias(registered_model_name, alias, str(version))
+    return info.model_uri, version
 
 
 def log_component(kind: str, directory: Path, base_name: str, alias: str) -> dict:
@@ -38,15 +67,7 @@ def log_component(kind: str, directory: Path, base_name: str, alias: str) -> dic
     if kind not in KINDS:
         raise ValueError(f"unknown component kind {kind!r}; kinds: {KINDS}")
     name = registered_name(base_name, kind)
-    info = mlflow.pyfunc.log_model(
-        name=kind,
-        python_model=str(Path(__file__).with_name("mlflow_components.py")),
-        artifacts={kind: str(directory)},
-        registered_model_name=name,
-        pip_requirements=["ldm-pipeline"],
-    )
-    version = int(info.registered_model_version)
-    mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
+    _, version = log_and_register(kind, PACKAGE_DIR / "mlflow_components.py", {kind: str(directory)}, name, alias)
     registered = {"model_uri": f"models:/{name}/{version}", "version": version,
                   "run_id": mlflow.active_run().info.run_id}
     (directory / "registered.json").write_text(json.dumps(registered))

@@ -262,12 +262,17 @@ class ServeConfig:
     num_cpus: float = 2
     """CPUs (and torch threads) of the sampler replica; the demo machine has 2."""
     num_gpus: float = 0
+    start_timeout_s: float = 600.0
+    """How long a job waits for the Serve app it starts to answer (the replica placed and its
+    model loaded) before it stops with an error saying what Serve reports."""
 
 
 @dataclass
 class PipelineConfig:
     workdir: str = "work"
-    """All outputs (shards, stage outputs, MLflow store, samples) go under it."""
+    """All outputs (shards, stage outputs, MLflow store, samples) go under it: a local path, or on
+    a cluster a volume every node mounts (stage outputs are renamed into place and locked, which
+    object stores cannot do; they hold the shards, checkpoints and MLflow artifacts instead)."""
     seed: int = 0
     ray_address: str = ""
     """Ray cluster to join. Empty: RAY_ADDRESS if set, else a local Ray instance."""
@@ -283,6 +288,12 @@ class PipelineConfig:
     def __post_init__(self):
         from pipeline.models.unet import UNET_PRESETS
 
+        if "://" in self.workdir:
+            raise ConfigError(
+                f"workdir={self.workdir!r} must be a filesystem path (on a cluster, a volume every node mounts, e.g. "
+                f"/mnt/work): stage outputs are renamed into place and locked, which an object store cannot do. Keep "
+                f"shards, checkpoints and artifacts there instead: data.shards=s3://..., ldm.storage_path=s3://..., "
+                f"and an MLflow server with an S3 artifact store (mlflow.tracking_uri)")
         if self.ldm.preset not in UNET_PRESETS:
             raise ConfigError(f"ldm.preset must be one of {sorted(UNET_PRESETS)}, got {self.ldm.preset!r}")
         if not self.vq.pretrained:  # a pretrained VQ's downsampling is checked when the vq stage loads it

@@ -53,6 +53,8 @@ class LocalCluster:
     dashboard_port: int
     workers: list[str] = field(default_factory=list)
     """The worker nodes' names; each node's temp dir is root/<name>."""
+    node_env: dict = field(default_factory=dict)
+    """Extra environment of every node (credentials, as a Secret gives pods); never saved."""
 
     @property
     def token_path(self) -> Path:
@@ -70,7 +72,7 @@ class LocalCluster:
     def client_env(self, **extra: str) -> dict:
         """The environment a client (or a node) needs: the token, and this Python's bin on PATH (the
         job's `python` is the head's)."""
-        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+        env = {**os.environ, **self.node_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path),
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
         env.pop("RAY_ADDRESS", None)
         env.pop("RAY_AUTH_TOKEN", None)
@@ -83,8 +85,9 @@ class LocalCluster:
 
     @classmethod
     def up(cls, root: str | Path = DEFAULT_DIR, workers: int = 3, worker_cpus: float = 1,
-           head_cpus: float = 0) -> "LocalCluster":
-        """Start a head and `workers` worker nodes under `root` (which must not hold a running cluster)."""
+           head_cpus: float = 0, node_env: dict | None = None) -> "LocalCluster":
+        """Start a head and `workers` worker nodes under `root` (which must not hold a running
+        cluster); `node_env` is added to every node's environment (e.g. object-store credentials)."""
         from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
 
         root = Path(root).resolve()
@@ -96,7 +99,7 @@ class LocalCluster:
                                f"`python -m pipeline.localcluster down --dir {root}`")
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        cluster = cls(str(root), _free_port(), _free_port())
+        cluster = cls(str(root), _free_port(), _free_port(), node_env=dict(node_env or {}))
         cluster.token_path.write_text(generate_new_authentication_token())
         cluster.token_path.chmod(0o600)
         try:
@@ -219,7 +222,8 @@ class LocalCluster:
             time.sleep(1)
 
     def save(self) -> None:
-        (Path(self.root) / STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
+        state = {k: v for k, v in asdict(self).items() if k != "node_env"}
+        (Path(self.root) / STATE_FILE).write_text(json.dumps(state, indent=2))
 
     @classmethod
     def load(cls, root: str | Path = DEFAULT_DIR) -> "LocalCluster":
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cluster = LocalCluster.load(args.dir)
         print(json.dumps({"nodes_alive": len(cluster.alive_nodes()), "processes": len(cluster.pids()),
-                          **asdict(cluster)}, indent=2))
+                          **{k: v for k, v in asdict(cluster).items() if k != "node_env"}}, indent=2))
     return 0
 
 

@@ -27,7 +27,7 @@ class ComponentPyfunc(PythonModel):
         import torch
         from PIL import Image
 
-        from pipeline.data.reader import images_to_tensor, tensor_to_images
+        from pipeline.data.images import images_to_tensor, tensor_to_images
         from pipeline.model_package import png_bytes
 
         if self.kind == "clip":

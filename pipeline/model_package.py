@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.conditioning import Conditioning
-from pipeline.data.reader import tensor_to_images
+from pipeline.data.images import tensor_to_images
 from pipeline.diffusion import NoiseSchedule
 from pipeline.models.text import TextEncoder
 from pipeline.models.unet import UNet, UNetConfig

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -77,9 +78,33 @@ def ensure_app(model_uri: str, tracking_uri: str | None, serve_cfg: ServeConfig,
     application = app({"model_uri": model_uri, "tracking_uri": tracking_uri or "",
                        "max_batch_size": serve_cfg.max_batch_size, "batch_wait_timeout_s": serve_cfg.batch_wait_timeout_s,
                        "num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus})
-    serve.run(application, name=SERVE_APP_NAME, route_prefix="/", blocking=False)
-    wait_healthy(base_url, model_uri)
+    # serve.run waits until the app runs, with no limit: a replica that cannot be placed or cannot
+    # load its model would hold this job forever. So it runs aside, and the wait here is bounded.
+    deploying = threading.Thread(target=serve.run, args=(application,), daemon=True,
+                                 kwargs={"name": SERVE_APP_NAME, "route_prefix": "/", "blocking": False})
+    deploying.start()
+    try:
+        wait_healthy(base_url, model_uri, timeout_s=serve_cfg.start_timeout_s)
+    except TimeoutError as error:
+        raise TimeoutError(f"{error} (serve.start_timeout_s={serve_cfg.start_timeout_s:g}): {_app_status()}; the "
+                           f"sampler asks for serve.num_cpus={serve_cfg.num_cpus:g}, serve.num_gpus="
+                           f"{serve_cfg.num_gpus:g} and loads {model_uri}") from None
     return True
+
+
+def _app_status() -> str:
+    """What Serve says of the app's deployments (a replica pending, or stuck loading its model)."""
+    from ray import serve
+
+    try:
+        status = serve.status().applications.get(SERVE_APP_NAME)
+    except Exception as error:  # noqa: BLE001 - the diagnosis must not hide the timeout
+        return f"its status could not be read ({type(error).__name__})"
+    if status is None:
+        return "Serve has no such app yet"
+    parts = [f"app {status.status}: {status.message}".rstrip(": ")]
+    parts += [f"{name} {d.status}: {d.message}".rstrip(": ") for name, d in status.deployments.items()]
+    return "; ".join(parts)
 
 
 def request_image(base_url: str, body: dict) -> bytes:

@@ -72,6 +72,9 @@ class MetricLogger:
         self._send_lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
+        # Metrics an earlier attempt of this run (or this logger, in an outage) kept in the fallback
+        # file are sent as soon as the server answers again.
+        self._kept = bool(fallback_path) and Path(fallback_path).is_file()
         self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
         self._thread.start()
 
@@ -97,9 +100,24 @@ class MetricLogger:
                 self._wake.set()
 
     def _send(self) -> bool:
-        """Send what is pending; False if the store could not be reached."""
+        """Send what is pending, then what was kept during an outage; False if the store could not
+        be reached."""
         with self._send_lock:  # the background thread and flush() never send the same chunk twice
-            return self._send_locked()
+            sent = self._send_locked()
+            if sent and self._kept:
+                self._replay_kept()
+            return sent
+
+    def _replay_kept(self) -> None:
+        try:
+            count = replay_metrics(self.client.tracking_uri, self.fallback_path, run_id=self.run_id)
+        except Exception as error:  # noqa: BLE001 - still unreachable: they stay kept, and are retried
+            print(f"[mlflow] kept metrics not sent yet ({type(error).__name__}); retried later", flush=True)
+            return
+        self._kept = False
+        if count:
+            print(f"[mlflow] the tracking server answers again: sent the {count} metrics kept in {self.fallback_path}",
+                  flush=True)
 
     def _send_locked(self) -> bool:
         while True:
@@ -150,6 +168,7 @@ class MetricLogger:
                                         "timestamp": m.timestamp, "step": m.step}) + "\n")
             where = f"kept in {self.fallback_path}; send them later with pipeline.tracking.replay_metrics"
         self.unlogged += len(metrics)
+        self._kept = bool(self.fallback_path)
         print(f"[mlflow] the tracking server was unreachable: {len(metrics)} metrics not logged, {where}", flush=True)
 
     def close(self) -> int:
@@ -169,18 +188,45 @@ class MetricLogger:
         return self.unlogged
 
 
-def replay_metrics(tracking_uri: str, path: str | Path) -> int:
-    """Send metrics a `MetricLogger` kept locally during a tracking outage; returns how many."""
+def replay_metrics(tracking_uri: str, path: str | Path, run_id: str | None = None) -> int:
+    """Send metrics a `MetricLogger` kept locally during a tracking outage (only `run_id`'s, when
+    given) and remove them from the file; returns how many were sent."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    chosen = [r for r in records if run_id is None or r["run_id"] == run_id]
     by_run: dict[str, list[Metric]] = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            m = json.loads(line)
-            by_run.setdefault(m["run_id"], []).append(Metric(m["key"], m["value"], m["timestamp"], m["step"]))
+    for m in chosen:
+        by_run.setdefault(m["run_id"], []).append(Metric(m["key"], m["value"], m["timestamp"], m["step"]))
     client = MlflowClient(tracking_uri)
-    for run_id, metrics in by_run.items():
+    for run, metrics in by_run.items():
         for i in range(0, len(metrics), 1000):
-            client.log_batch(run_id, metrics=metrics[i:i + 1000])
-    return sum(len(m) for m in by_run.values())
+            client.log_batch(run, metrics=metrics[i:i + 1000])
+    rest = [r for r in records if not (run_id is None or r["run_id"] == run_id)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rest))
+    return len(chosen)
+
+
+def replay_when_back(tracking_uri: str, path: str | Path, run_id: str, attempts: int = 6, wait_s: float = 5.0) -> int:
+    """After a fit: send what rank 0 kept in `path` for `run_id` (it ended while the tracking server
+    was away), waiting up to attempts x wait_s for the server; returns how many were sent. Still
+    unreachable: they stay in the file, and the message says how to send them later."""
+    if not Path(path).is_file():
+        return 0
+    for attempt in range(attempts):
+        try:
+            sent = replay_metrics(tracking_uri, path, run_id=run_id)
+            if sent:
+                print(f"[mlflow] sent the {sent} metrics kept during the tracking outage", flush=True)
+            return sent
+        except Exception as error:  # noqa: BLE001 - the server is still away
+            if attempt == attempts - 1:
+                print(f"[mlflow] the tracking server is still unreachable ({type(error).__name__}): the kept metrics "
+                      f"stay in {path}; send them with pipeline.tracking.replay_metrics", flush=True)
+                return 0
+            time.sleep(wait_s)
+    return 0
 
 
 def _start_system_metrics(tracking_uri: str, run_id: str):

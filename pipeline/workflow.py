@@ -16,17 +16,14 @@ from pathlib import Path
 import mlflow
 
 from pipeline.config import PipelineConfig, to_flat_dict, to_yaml
-from pipeline.data.shards import resolve_shards, write_demo_shards
+from pipeline.data.shards import resolve_shards, shard_fingerprints, write_demo_shards
 from pipeline.ray_runtime import init_ray, run_task
 from pipeline.stages.cache import StageResult, content_key, dir_digest, run_stage
 
 def _shard_listing_key(shards: list[str]) -> str:
-    """The shard listing (and, for local files, sizes and mtimes) as a cache-key part."""
-    parts = []
-    for shard in shards:
-        path = Path(shard)
-        parts.append(f"{shard}:{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.exists() else shard)
-    return content_key(*parts)
+    """The shards' names, sizes and modification times (an object store's too) as a cache-key
+    part; a shard that is missing or cannot be read is an error here, before any stage runs."""
+    return content_key(*shard_fingerprints(shards))
 
 
 def _numeric_metrics(metrics: dict) -> dict:
@@ -165,6 +162,7 @@ class Workflow:
     def train_and_register(self, latents_dir: Path, vq_dir: Path, clip_dir: Path, out: Path, run_id: str,
                            prompts: list[str]) -> dict:
         """Train the UNet, assemble the pipeline model, log it to MLflow and register it."""
+        from pipeline.components import log_and_register
         from pipeline.model_package import MLFLOW_ARTIFACT, write_package
         from pipeline.stages.ldm import run_ldm
 
@@ -175,20 +173,12 @@ class Workflow:
         sampling = {"guidance_scale": cfg.samples.guidance_scale, "steps": cfg.samples.steps,
                     "sampler": cfg.samples.sampler}
         write_package(package, out, vq_dir, clip_dir, meta, asdict(cfg.ldm.schedule), sampling)
-        code = Path(__file__).with_name("mlflow_model.py")
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(code),
-            artifacts={MLFLOW_ARTIFACT: str(package)},
-            registered_model_name=cfg.mlflow.registered_model_name,
-            pip_requirements=["ldm-pipeline"],
-        )
-        version = info.registered_model_version
-        client = mlflow.MlflowClient()
-        client.set_registered_model_alias(cfg.mlflow.registered_model_name, cfg.mlflow.alias, version)
+        logged_uri, version = log_and_register("model", Path(__file__).with_name("mlflow_model.py"),
+                                               {MLFLOW_ARTIFACT: str(package)}, cfg.mlflow.registered_model_name,
+                                               cfg.mlflow.alias)
         model_uri = f"models:/{cfg.mlflow.registered_model_name}/{version}"
         (out / "registered.json").write_text(json.dumps(
-            {"model_uri": model_uri, "logged_model_uri": info.model_uri, "run_id": run_id, "version": version}))
+            {"model_uri": model_uri, "logged_model_uri": logged_uri, "run_id": run_id, "version": version}))
         return {**metrics, "model_version": int(version)}
 
     def prompts(self, shards: list[str]) -> list[str]:

@@ -43,6 +43,9 @@ def test_defaults_are_the_demo_and_overrides_apply():
     ("ldm.preset=huge", "ldm.preset"),
     ("clip.context_length=-3", "clip.context_length"),
     ("ldm.max_steps", "key=value"),
+    ("workdir=s3://ldm/work", "workdir='s3://ldm/work' must be a filesystem path"),
+    ("ldm.stall_timeout_s=-1", "ldm.stall_timeout_s"),
+    ("vq.eval_batch_size=0", "vq.eval_batch_size"),
 ])
 def test_bad_overrides_name_the_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):

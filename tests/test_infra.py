@@ -274,13 +274,14 @@ def ray_cluster_specs(obj: dict) -> list[dict]:
 
 
 def python_entrypoints(obj: dict) -> list[list[str]]:
-    """Every `python jobs/...` command line a manifest runs, split into words."""
+    """Every `python jobs/...` command line a manifest runs, split into words (inline `python -c`
+    set-up scripts are not jobs)."""
     commands = []
     if obj["kind"] == "RayJob":
         commands.append(shlex.split(obj["spec"]["entrypoint"]))
     for container in iter_containers(obj):
         words = list(container.get("command", [])) + list(container.get("args", []))
-        if words[:1] == ["python"]:
+        if words[:1] == ["python"] and words[1:2] != ["-c"]:
             commands.append(words)
     return commands
 
@@ -688,7 +689,7 @@ def test_referenced_config_maps_volumes_and_secrets_exist():
     """Every ConfigMap and volume claim a pod reads is in the platform of the same variant; every
     Secret and key is in secrets.example.yaml, which no kustomization applies."""
     secrets = {s["metadata"]["name"]: s["stringData"] for s in _load_documents(SECRETS_EXAMPLE)}
-    assert all(set(data.values()) <= {"CHANGE_ME", "mlflow"} for data in secrets.values()), (
+    assert all(set(data.values()) <= {"CHANGE_ME", "mlflow", "trainer", "serving"} for data in secrets.values()), (
         "placeholders only"
     )
     for directory in KUSTOMIZATIONS:
@@ -828,3 +829,27 @@ def test_dockerfiles_pass_hadolint(dockerfile):
         [_hadolint(), dockerfile], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mlflow_is_authenticated_and_only_the_trainer_owns_the_models():
+    """The server runs MLflow's basic-auth app (admin and Flask secret from a Secret); training pods
+    log as `trainer`, the RayService as `serving` (READ by default_permission), and network
+    policies admit only the pipeline's pods to MLflow and the Ray head, only MLflow to Postgres."""
+    for directory in [d for d in KUSTOMIZATIONS if d.name in ("platform",)] + [INFRA / "overlays" / "prod"]:
+        objects = rendered(directory)
+        (mlflow_server,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow"]
+        container = mlflow_server["spec"]["template"]["spec"]["containers"][0]
+        assert "--app-name=basic-auth" in container["args"], directory
+        env = {e["name"] for e in container["env"]}
+        assert {"MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_CONFIG_PATH"} <= env
+        policies = {o["metadata"]["name"]: o for o in objects if o["kind"] == "NetworkPolicy"}
+        assert {"mlflow", "postgres", "ray"} <= set(policies), directory
+        assert policies["postgres"]["spec"]["ingress"][0]["from"] == [
+            {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}]
+    for ident, obj in all_objects():
+        if obj["kind"] not in RAY_KINDS:
+            continue
+        identity = "ldm-mlflow-serving" if obj["kind"] == "RayService" else "ldm-mlflow-trainer"
+        refs = [ref["name"] for ref in find_values(obj, "secretRef")]
+        assert identity in refs, f"{ident} {object_id(obj)}: no {identity}"
+        assert not {"ldm-mlflow-trainer", "ldm-mlflow-serving"} - {identity} & set(refs), ident

@@ -240,3 +240,22 @@ def test_serve_app_answers_pngs_and_names_bad_fields(demo_run, free_port):
         assert status == 200  # still up
     finally:
         serve.shutdown()
+
+
+def test_registered_models_declare_requirements_that_install(demo_run):
+    """Every registered model declares the project's pins (what `mlflow models serve` or an
+    environment restore installs), never the project itself, which no index serves; its code
+    travels inside the model."""
+    import tomllib
+
+    import mlflow
+
+    cfg, _, summary = demo_run
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        pins = set(tomllib.load(f)["project"]["dependencies"])
+    for uri in (summary["model_uri"], summary["vq_model_uri"], summary["clip_model_uri"]):
+        declared = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().split()
+        assert declared and set(declared) <= {p.replace("[train,data,serve]", "[data,serve,train]") for p in pins} | pins
+        assert not any(line.startswith("ldm-pipeline") for line in declared), uri
+        local = Path(mlflow.artifacts.download_artifacts(uri))
+        assert (local / "code" / "pipeline" / "model_package.py").is_file(), sorted(p.name for p in local.iterdir())

@@ -1,6 +1,7 @@
 """The encode stage (Ray Data) against a bare single-process loop doing the same work, in one run.
 
     python jobs/benchmark.py encode [--samples 4000] [--shard-size 500] [key=value ...]
+    python jobs/benchmark.py encode --shards "s3://bucket/shards/{00000..00003}.tar" [key=value ...]
 
 Both sides read the same demo shards (written into a temporary directory) with untrained encoders
 built from the config (VQ + tiny CLIP; the weights do not change the cost).
@@ -15,6 +16,10 @@ built from the config (VQ + tiny CLIP; the weights do not change the cost).
 
 `ratio_vs_bare_loop` is the Ray stage's samples/s over the bare loop's (cold start both sides);
 `ratio_vs_warm_bare_loop` the same against the loop alone.
+
+With `--shards URL` (an object store: credentials and endpoint from the environment, e.g.
+`python -m pipeline.localservices up`) the stage runs on those shards and on local copies of the
+same bytes, one after the other: `ratio_s3_vs_local` is the remote run's samples/s over the local's.
 """
 
 from __future__ import annotations
@@ -80,18 +85,56 @@ def _bare_loop_process(cfg, shards: list[str], vq_dir: Path, clip_dir: Path) -> 
     return json.loads(done.stdout.strip().splitlines()[-1]), seconds
 
 
+def download(urls: list[str], directory: Path) -> list[str]:
+    """Local copies of remote shards (the same bytes), in order."""
+    import pyarrow.fs
+
+    directory.mkdir(parents=True)
+    local = []
+    for i, url in enumerate(urls):
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(url)
+        target = directory / f"{i:05d}.tar"
+        with filesystem.open_input_stream(path) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        local.append(str(target))
+    return local
+
+
+def compare_remote(cfg, remote: list[str], local: list[str], vq_dir: Path, clip_dir: Path, root: Path,
+                   rounds: int = 2) -> dict:
+    """The encode stage on remote shards and on local copies of them: samples/s and their ratio."""
+    from pipeline.stages.encode import run_encode
+
+    runs: dict[str, list[tuple[int, float]]] = {"s3": [], "local": []}
+    for round_ in range(rounds):  # alternated, the faster of each side: neither pays the first cold start alone
+        for name, shards in (("local", local), ("s3", remote)):
+            out = root / f"encode-{name}-{round_}"
+            out.mkdir()
+            start = time.perf_counter()
+            metrics = run_encode(cfg, shards, vq_dir, clip_dir, out)
+            runs[name].append((metrics["samples"], time.perf_counter() - start))
+    rates = {name: min(results, key=lambda r: r[1]) for name, results in runs.items()}
+    if rates["s3"][0] != rates["local"][0]:
+        raise RuntimeError(f"{rates['s3'][0]} samples from the store, {rates['local'][0]} from the local copies")
+    s3_rate, local_rate = (n / seconds for n, seconds in (rates["s3"], rates["local"]))
+    return {"ratio_s3_vs_local": round(s3_rate / local_rate, 3), "s3_samples_per_s": round(s3_rate, 1),
+            "local_samples_per_s": round(local_rate, 1), "samples": rates["s3"][0], "shards": len(remote),
+            "s3_seconds": round(rates["s3"][1], 2), "local_seconds": round(rates["local"][1], 2)}
+
+
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(prog="benchmark.py encode", description=__doc__)
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--shards", default="", help="remote shards: the stage on them against local copies")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args(argv)
 
     import torch
 
     from pipeline.config import load_config
-    from pipeline.data.shards import write_demo_shards
+    from pipeline.data.shards import resolve_shards, write_demo_shards
     from pipeline.models.text import build_text_encoder
     from pipeline.models.vq import VQModel
     from pipeline.ray_runtime import init_ray
@@ -102,8 +145,12 @@ def main(argv: list[str]) -> dict:
     root = Path(tempfile.mkdtemp(prefix="bench-encode-"))
     try:
         cfg = load_config(None, [f"workdir={root / 'work'}", *args.overrides])
-        shards = write_demo_shards(root / "shards", args.samples, cfg.data.image_size, seed=0,
-                                   shard_size=args.shard_size)
+        if args.shards:
+            remote = resolve_shards(args.shards)
+            shards = download(remote, root / "shards")
+        else:
+            shards = write_demo_shards(root / "shards", args.samples, cfg.data.image_size, seed=0,
+                                       shard_size=args.shard_size)
         torch.manual_seed(0)
         vq_dir, clip_dir = root / "vq", root / "clip"
         VQModel(model_config(cfg)).save(vq_dir, latent_scale=1.0)
@@ -116,6 +163,8 @@ def main(argv: list[str]) -> dict:
         # have done that, so it is warm-up here, like ray.init, not part of the stage.
         ray.data.range(4).map_batches(lambda batch: batch).materialize()
 
+        if args.shards:
+            return compare_remote(cfg, remote, shards, vq_dir, clip_dir, root)
         bare, bare_seconds = _bare_loop_process(cfg, shards, vq_dir, clip_dir)
         out = root / "encode"
         out.mkdir()

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import tarfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -411,3 +412,57 @@ def resolve_shards(spec: str) -> list[str]:
     if "://" in spec:
         return _resolve_remote(spec)
     return _resolve_local(spec)
+
+
+# Connecting to an object store that does not answer is retried this many times, backing off.
+STORE_ATTEMPTS = 3
+STORE_BACKOFF_S = 2.0
+
+
+def shard_fingerprints(shards: list[str]) -> list[str]:
+    """What identifies each shard's content for the stage cache: `path:size:mtime` (for `s3://`
+    and other object stores, the listing's size and LastModified, from pyarrow's filesystem).
+    Replacing a shard (a re-upload of other bytes) changes it, so the stages downstream rerun.
+
+    Checked before any training: a missing file, object or bucket is a FileNotFoundError naming
+    data.shards; credentials the store refuses are a PermissionError naming them; a store that does
+    not answer is retried (STORE_ATTEMPTS, backing off) and then an OSError naming its endpoint.
+    """
+    fingerprints = []
+    for shard in shards:
+        if "://" not in shard:
+            path = Path(shard)
+            if not path.is_file():
+                raise FileNotFoundError(f"data.shards: no such shard file {shard}")
+            stat = path.stat()
+            fingerprints.append(f"{shard}:{stat.st_size}:{stat.st_mtime_ns}")
+            continue
+        info = _remote_info(shard)
+        fingerprints.append(f"{shard}:{info.size}:{info.mtime_ns}")
+    return fingerprints
+
+
+def _remote_info(url: str):
+    import pyarrow.fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default endpoint") if url.startswith("s3://") else url
+    for attempt in range(1, STORE_ATTEMPTS + 1):
+        try:
+            filesystem, path = pyarrow.fs.FileSystem.from_uri(url)
+            info = filesystem.get_file_info(path)
+            break
+        except OSError as error:
+            message = str(error)
+            if "ACCESS_DENIED" in message or "AccessDenied" in message or "403" in message:
+                raise PermissionError(f"data.shards: the object store at {endpoint} refuses the credentials for "
+                                      f"{url} (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the pod's role): "
+                                      f"{message}") from None
+            if attempt == STORE_ATTEMPTS:
+                raise OSError(f"data.shards: cannot reach the object store at {endpoint} for {url} after "
+                              f"{STORE_ATTEMPTS} attempts (AWS_ENDPOINT_URL, network): {message}") from None
+            time.sleep(STORE_BACKOFF_S * attempt)
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise FileNotFoundError(f"data.shards: {url} does not exist (no such object, or no such bucket)")
+    if info.type != pyarrow.fs.FileType.File:
+        raise FileNotFoundError(f"data.shards: {url} is not a file")
+    return info

@@ -17,7 +17,8 @@ from open_clip.loss import ClipLoss
 from torch.nn import functional as F
 
 from pipeline.config import PipelineConfig
-from pipeline.data.reader import images_to_tensor, read_captioned_images
+from pipeline.data.images import images_to_tensor
+from pipeline.data.reader import read_captioned_images
 from pipeline.model_package import is_model_uri
 from pipeline.models.text import (AUTO_CONTEXT_MIN, TextEncoder, TinyClipConfig, auto_context_length, build_text_encoder,
                                   clip_image_preprocess, resize_for_clip, token_counts, truncation)

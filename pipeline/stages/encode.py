@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.conditioning import Conditioning
 from pipeline.config import PipelineConfig
-from pipeline.data.reader import counts_summary, images_to_tensor, read_captioned_images, read_shard_counts, sum_counts
+from pipeline.data.images import images_to_tensor
+from pipeline.data.reader import counts_summary, read_captioned_images, read_shard_counts, sum_counts
 from pipeline.models.text import TextEncoder, truncation
 from pipeline.models.vq import VQModel
 from pipeline.ray_runtime import run_task

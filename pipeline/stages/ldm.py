@@ -30,7 +30,7 @@ from pipeline.config import PipelineConfig
 from pipeline.diffusion import NoiseSchedule, ScheduleConfig, training_loss
 from pipeline.models.unet import UNet, UNetConfig, unet_config
 from pipeline.ray_runtime import ProgressLine, check_cpus_left_for_streaming, fit, fit_batch_size
-from pipeline.tracking import MetricLogger
+from pipeline.tracking import MetricLogger, replay_when_back
 from pipeline.training.checkpoint import count_parameters, export_unet, load_checkpoint, save_checkpoint
 from pipeline.training.ema import EMA
 from pipeline.training.faults import FaultInjection
@@ -459,6 +459,8 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
         watchdog=StallWatchdog(loop.progress, ldm.stall_timeout_s, f"ldm: {stall_hint(cfg)}"),
     )
     seconds = time.perf_counter() - start
+    if run_id:  # rank 0 kept metrics it could not send (the tracking server away at the end)
+        replay_when_back(cfg.tracking_uri, unlogged, run_id)
     starts = ray.get(loop.progress.snapshot.remote())["starts"]
     if result.checkpoint is None:
         raise RuntimeError(f"ldm training at {result.path} reported no checkpoint")

@@ -15,7 +15,8 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.config import PipelineConfig, check_image_size
-from pipeline.data.reader import images_to_tensor, read_captioned_images
+from pipeline.data.images import images_to_tensor
+from pipeline.data.reader import read_captioned_images
 from pipeline.models.vq import VQModel, VQModelConfig
 from pipeline.ray_runtime import (ProgressLine, batches_until, fit_small_model, report_final_model, run_task,
                                   task_resources, warmup_cosine)
