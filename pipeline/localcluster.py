@@ -30,6 +30,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.sample_client import free_port
+
 DEFAULT_DIR = Path("/tmp/ldm-local-cluster")
 STATE_FILE = "cluster.json"
 # Per node: the shared-memory object store (the machine's /dev/shm holds all of them).
@@ -37,13 +39,6 @@ OBJECT_STORE_BYTES = 1 << 30
 # Ray puts Unix sockets at <root>/<node>/session_<date>_<pid>/sockets/dash_<module> (at most 107 bytes).
 MAX_ROOT_CHARS = 40
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -99,14 +94,14 @@ class LocalCluster:
                                f"`python -m pipeline.localcluster down --dir {root}`")
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        cluster = cls(str(root), _free_port(), _free_port(), node_env=dict(node_env or {}))
+        cluster = cls(str(root), free_port(), free_port(), node_env=dict(node_env or {}))
         cluster.token_path.write_text(generate_new_authentication_token())
         cluster.token_path.chmod(0o600)
         try:
             cluster._start_node("head", ["--head", f"--port={cluster.gcs_port}", f"--num-cpus={head_cpus:g}",
                                          "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                                          f"--dashboard-port={cluster.dashboard_port}",
-                                         f"--ray-client-server-port={_free_port()}"])
+                                         f"--ray-client-server-port={free_port()}"])
             for _ in range(workers):
                 cluster.add_worker(worker_cpus, wait=False)
             cluster.save()
@@ -120,7 +115,7 @@ class LocalCluster:
         temp = Path(self.root) / name
         temp.mkdir(parents=True, exist_ok=True)
         cmd = [str(Path(sys.executable).parent / "ray"), "start", f"--temp-dir={temp}",
-               f"--dashboard-agent-listen-port={_free_port()}", f"--object-store-memory={OBJECT_STORE_BYTES}",
+               f"--dashboard-agent-listen-port={free_port()}", f"--object-store-memory={OBJECT_STORE_BYTES}",
                "--disable-usage-stats", *args]
         with open(temp / "ray-start.log", "w") as log:
             proc = subprocess.run(cmd, env=self.client_env(), stdout=log, stderr=subprocess.STDOUT, timeout=300)

@@ -30,6 +30,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.sample_client import free_port
+
 DEFAULT_DIR = Path("/tmp/ldm-local-services")
 STATE_FILE = "services.json"
 BUCKET = "ldm"
@@ -39,13 +41,6 @@ REGION = "us-east-1"
 SETUP_REQUESTS = 4
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, what: str, proc: subprocess.Popen | None, log: Path, timeout_s: float = 180) -> None:
@@ -126,7 +121,7 @@ class LocalServices:
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
         root.chmod(0o755)
-        stack = cls(str(root), _free_port(), _free_port(), _free_port(), secrets.token_hex(16), pids={})
+        stack = cls(str(root), free_port(), free_port(), free_port(), secrets.token_hex(16), pids={})
         try:
             stack.start_postgres()
             stack.start_s3()
