@@ -154,7 +154,6 @@ class EncodeConfig:
     concurrency: int = 1
     """Number of encoder actors."""
     num_gpus_per_actor: float = 0.0
-    decode_concurrency: int = 1
 
     def __post_init__(self):
         _positive("encode", batch_size=self.batch_size, concurrency=self.concurrency)

@@ -274,7 +274,7 @@ class ProgressLine:
         self.name, self.total, self.every = name, total_steps, every
         self.start_time = time.perf_counter()
         self.start_step = start_step
-        self.last_time, self.last_step, self.images = self.start_time, start_step, 0
+        self.last_time, self.images = self.start_time, 0
 
     def update(self, step: int, batch_images: int, **values: float) -> dict[str, float]:
         """Record one step; returns {'img_per_s': ...} when a line was printed, else {}."""
@@ -288,5 +288,5 @@ class ProgressLine:
         fields = " | ".join(f"{k} {v:.4g}" for k, v in values.items())
         print(f"[{self.name}] step {step}/{self.total} | {fields} | {rate:.1f} img/s | ETA {eta:.0f}s",
               flush=True)
-        self.last_time, self.last_step, self.images = now, step, 0
+        self.last_time, self.images = now, 0
         return {"img_per_s": rate}

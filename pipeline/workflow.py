@@ -51,7 +51,6 @@ class Workflow:
         self.until = until
         self.workdir = Path(cfg.workdir).resolve()
         self.results: dict[str, StageResult] = {}
-        self.extras: dict[str, dict] = {}
 
     def stage(self, name: str, key: str, work) -> StageResult:
         """Run (or find cached) one stage inside its own nested MLflow run."""

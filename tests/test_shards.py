@@ -14,7 +14,6 @@ import ray
 import webdataset
 from PIL import Image
 
-from pipeline.data import shards as shards_module
 from pipeline.data.demo import demo_sample
 from pipeline.data.shards import folder_to_shards, resolve_shards, write_demo_shards, write_shards
 
@@ -294,23 +293,6 @@ def test_resolve_shards_names_the_spec_when_nothing_or_not_everything_matches(
 def test_a_directory_without_shards_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         resolve_shards(str(tmp_path))
-
-
-@pytest.mark.parametrize(
-    "pattern",
-    [
-        "s/{00000..00012}.tar",
-        "s/{8..11}.tar",
-        "s/{a,b{1..2}}/x.tar",
-        "s/{x}.tar",
-        "plain.tar",
-        "s/{5..3}.tar",
-    ],
-)
-def test_builtin_brace_expansion_matches_braceexpand(monkeypatch, pattern):
-    expected = shards_module._expand_braces(pattern)
-    monkeypatch.setattr(shards_module, "_braceexpand", None)
-    assert shards_module._expand_braces(pattern) == expected
 
 
 def test_remote_brace_patterns_are_expanded_without_listing():

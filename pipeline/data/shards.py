@@ -27,10 +27,7 @@ from PIL import Image
 
 from pipeline.data.demo import demo_sample
 
-try:  # installed with webdataset; the fallback below covers the patterns `data.shards` documents
-    from braceexpand import braceexpand as _braceexpand
-except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
-    _braceexpand = None
+from braceexpand import braceexpand  # pinned webdataset's own dependency
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # `.jpeg` members are stored as `.jpg`: same bytes, and `.jpg` is the name every WebDataset reader
@@ -284,39 +281,8 @@ def folder_to_shards(
 
 
 def _expand_braces(pattern: str) -> list[str]:
-    """Expand `{a,b}` alternatives and zero-padded `{000..099}` ranges, like braceexpand."""
-    if _braceexpand is not None:
-        return list(_braceexpand(pattern))
-    start = pattern.find("{")
-    if start < 0:
-        return [pattern]
-    depth = 0
-    for end in range(start, len(pattern)):
-        depth += {"{": 1, "}": -1}.get(pattern[end], 0)
-        if depth == 0:
-            break
-    else:
-        return [pattern]  # an unbalanced "{" is literal text, as in braceexpand
-    head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
-    numeric_range = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
-    if numeric_range:
-        first, last = numeric_range.groups()
-        width = max(len(first), len(last)) if first.startswith("0") or last.startswith("0") else 0
-        step = 1 if int(last) >= int(first) else -1
-        options = [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
-    else:
-        options, depth, current = [], 0, ""
-        for character in body:
-            if character == "," and depth == 0:
-                options.append(current)
-                current = ""
-                continue
-            depth += {"{": 1, "}": -1}.get(character, 0)
-            current += character
-        options.append(current)
-        if len(options) == 1:  # "{x}" without a comma or range is literal in brace expansion
-            return [head + "{" + expanded for expanded in _expand_braces(body + "}" + tail)]
-    return [expanded for option in options for expanded in _expand_braces(head + option + tail)]
+    """Expand `{a,b}` alternatives and zero-padded `{000..099}` ranges (braceexpand)."""
+    return list(braceexpand(pattern))
 
 
 def _has_glob(pattern: str) -> bool:

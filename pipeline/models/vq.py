@@ -103,11 +103,6 @@ class VQModel(nn.Module):
         quantized, indices, commit_loss = self.quantize(self.encode(images))
         return self.decoder(quantized), indices, commit_loss
 
-    def loss(self, images: torch.Tensor):
-        """Reconstruction (MSE) + commitment loss; returns (loss, reconstruction, indices)."""
-        recon, indices, commit_loss = self(images)
-        return F.mse_loss(recon, images) + commit_loss, recon, indices
-
     def save(self, directory: str | Path, **extra) -> None:
         """Write model.json (constructor args + `extra`, e.g. latent_scale) and model.safetensors."""
         directory = Path(directory)
