@@ -83,7 +83,7 @@ def run_task(fn: Callable, *args, num_cpus: float = 1.0, num_gpus: float = 0.0, 
     ref, start = task.remote(*args, **kwargs), time.monotonic()
     while not ray.wait([ref], timeout=TASK_REPORT_S)[0]:
         print(f"[{fn.__name__}] still running or waiting after {time.monotonic() - start:.0f} s (needs "
-              f"{num_cpus:g} CPU, {num_gpus:g} GPU); Ray is waiting for: {pending_demands()}", flush=True)
+              f"{num_cpus:g} CPU, {num_gpus:g} GPU); Ray is waiting for: {pending_demands(settle_s=0)}", flush=True)
     return ray.get(ref)
 
 

@@ -208,24 +208,41 @@ def replay_metrics(tracking_uri: str, path: str | Path, run_id: str | None = Non
     return len(chosen)
 
 
+def server_answers(tracking_uri: str, timeout_s: float = 5.0) -> bool:
+    """Whether an HTTP tracking server answers its (unauthenticated) health route within
+    `timeout_s`; a local store (SQLite, files) always does. One bounded request, never MLflow's own
+    retries, which back off for minutes per call against a server that is away."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return True
+    import requests
+
+    try:
+        return requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout_s).ok
+    except requests.RequestException:
+        return False
+
+
 def replay_when_back(tracking_uri: str, path: str | Path, run_id: str, attempts: int = 6, wait_s: float = 5.0) -> int:
     """After a fit: send what rank 0 kept in `path` for `run_id` (it ended while the tracking server
-    was away), waiting up to attempts x wait_s for the server; returns how many were sent. Still
-    unreachable: they stay in the file, and the message says how to send them later."""
+    was away), waiting up to about attempts x wait_s for the server; returns how many were sent.
+    Still unreachable: they stay in the file, and the message says how to send them later."""
     if not Path(path).is_file():
         return 0
     for attempt in range(attempts):
+        if attempt:
+            time.sleep(wait_s)
+        if not server_answers(tracking_uri, timeout_s=wait_s):
+            continue
         try:
             sent = replay_metrics(tracking_uri, path, run_id=run_id)
-            if sent:
-                print(f"[mlflow] sent the {sent} metrics kept during the tracking outage", flush=True)
-            return sent
-        except Exception as error:  # noqa: BLE001 - the server is still away
-            if attempt == attempts - 1:
-                print(f"[mlflow] the tracking server is still unreachable ({type(error).__name__}): the kept metrics "
-                      f"stay in {path}; send them with pipeline.tracking.replay_metrics", flush=True)
-                return 0
-            time.sleep(wait_s)
+        except Exception as error:  # noqa: BLE001 - it went away again between the probe and the send
+            print(f"[mlflow] sending the kept metrics failed ({type(error).__name__}); retrying", flush=True)
+            continue
+        if sent:
+            print(f"[mlflow] sent the {sent} metrics kept during the tracking outage", flush=True)
+        return sent
+    print(f"[mlflow] the tracking server {tracking_uri} is still unreachable after {attempts} tries: the kept "
+          f"metrics stay in {path}; send them with pipeline.tracking.replay_metrics", flush=True)
     return 0
 
 

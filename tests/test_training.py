@@ -244,3 +244,19 @@ def test_a_fit_that_cannot_start_stops_with_an_error_naming_what_it_waits_for(la
     while any(info["state"] != "REMOVED" for info in ray.util.placement_group_table().values()):
         assert time.time() < deadline, ray.util.placement_group_table()
         time.sleep(1)
+
+
+def test_an_unplaced_placement_group_is_named_even_before_the_autoscaler_reports_it(ray_session):
+    """The autoscaler's demand report lags behind the GCS (seconds on a loaded machine): a stall
+    message read in that gap still names the group Ray cannot place, from the GCS's own table."""
+    from pipeline.training.progress import _waiting_placement_groups
+
+    group = ray.util.placement_group([{"CPU": 1}] * 5)
+    try:
+        assert "a placement group of 5 x {CPU: 1} (PENDING)" in _waiting_placement_groups()
+    finally:
+        ray.util.remove_placement_group(group)
+    deadline = time.time() + 30
+    while _waiting_placement_groups():
+        assert time.time() < deadline, _waiting_placement_groups()
+        time.sleep(0.5)

@@ -79,8 +79,20 @@ def _resources(bundle: dict) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
 
 
-def pending_demands() -> str:
-    """Ray's pending resource demands (tasks, actors, placement groups) and the free resources, in words."""
+def _waiting_placement_groups() -> list[str]:
+    """Placement groups the GCS has not placed yet, from its own table: the autoscaler's demand
+    report lags behind it (seconds, longer on a loaded machine)."""
+    from collections import Counter
+
+    parts = []
+    for info in ray.util.placement_group_table().values():
+        if info.get("state") in ("PENDING", "RESCHEDULING"):
+            counts = Counter(_resources(b) for b in info.get("bundles", {}).values())
+            parts.append(f"a placement group of {' + '.join(f'{n} x {b}' for b, n in counts.items())} ({info['state']})")
+    return parts
+
+
+def _demands() -> list[str]:
     from ray.autoscaler.v2.sdk import get_cluster_status
 
     parts = []
@@ -88,11 +100,22 @@ def pending_demands() -> str:
         demands = get_cluster_status(ray.get_runtime_context().gcs_address).resource_demands
         for demand in demands.ray_task_actor_demand:
             parts += [f"{b.count} task(s)/actor(s) needing {_resources(b.bundle)}" for b in demand.bundles_by_count]
-        for group in demands.placement_group_demand:
-            bundles = " + ".join(f"{b.count} x {_resources(b.bundle)}" for b in group.bundles_by_count)
-            parts.append(f"a placement group of {bundles} ({group.state or 'pending'})")
+        groups = [f"a placement group of {' + '.join(f'{b.count} x {_resources(b.bundle)}' for b in g.bundles_by_count)}"
+                  f" ({g.state or 'pending'})" for g in demands.placement_group_demand]
+        parts += groups or _waiting_placement_groups()
     except Exception as error:  # noqa: BLE001 - the diagnosis must not hide the stall itself
         parts.append(f"(the demands could not be read: {type(error).__name__}: {error})")
+    return parts
+
+
+def pending_demands(settle_s: float = 10.0) -> str:
+    """Ray's pending resource demands (tasks, actors, placement groups) and the free resources, in
+    words. Nothing pending yet is asked again for up to `settle_s` (a request on its way)."""
+    deadline = time.monotonic() + settle_s
+    parts = _demands()
+    while not parts and time.monotonic() < deadline:
+        time.sleep(1.0)
+        parts = _demands()
     try:  # task names need the state API (the dashboard); a local instance has none
         from ray.util.state import list_tasks
 
