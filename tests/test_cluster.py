@@ -324,3 +324,19 @@ def test_a_shard_object_that_is_not_a_tar_or_is_cut_short_is_a_counted_skip(serv
             kept[name] = len(list(parse_shard(stream, 32, counts)))
         assert counts["truncated_tar"] == 1, (name, counts)
     assert kept["error-page"] == 0 and 0 < kept["cut"] < 64
+
+
+def test_a_read_only_identity_cannot_move_the_production_alias(services, two_jobs, monkeypatch):
+    """As infra/ sets it up: users get READ by default; the identity that registered a model (here
+    the admin the jobs log as; `trainer` on Kubernetes) may move its aliases, a serving identity not."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    AuthServiceClient(services.tracking_uri).create_user("serving", "serving-password")
+    name, version = two_jobs["summary"]["model_uri"].split("/")[1:]
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "serving")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "serving-password")
+    client = MlflowClient(services.tracking_uri)
+    assert client.get_model_version_by_alias(name, "candidate").version == version  # it may read
+    with pytest.raises(MlflowException, match="PERMISSION_DENIED|403|Permission denied"):
+        client.set_registered_model_alias(name, "production", version)
