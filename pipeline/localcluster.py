@@ -40,7 +40,6 @@ OBJECT_STORE_BYTES = 1 << 30
 MAX_ROOT_CHARS = 40
 
 
-
 @dataclass
 class LocalCluster:
     root: str
@@ -140,40 +139,68 @@ class LocalCluster:
         mine = [(pid, cmd) for pid, cmd in self._processes() if f"{Path(self.root) / name}/" in cmd]
         if not any("raylet/raylet" in cmd for _, cmd in mine):
             raise RuntimeError(f"no raylet of node {name} is running")
-        for pid, _ in sorted(mine, key=lambda item: "raylet/raylet" not in item[1]):
+        for pid, _ in sorted(mine, key=lambda item: "raylet/raylet" not in item[1].split(" > ")[-1]):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
     def down(self) -> None:
-        """Stop every process of this cluster: SIGTERM, then SIGKILL what is left after 10 s."""
+        """Stop every process of this cluster: SIGTERM, then SIGKILL what is left after 10 s. The
+        processes are collected before the first signal: an agent whose raylet ended first is no
+        longer its child, and would be left running."""
+        import psutil
+
+        procs = {}
+        for pid in self.pids():
+            try:
+                procs[pid] = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                pass
+
+        def alive() -> list:
+            for pid in self.pids():  # anything started meanwhile, too
+                if pid not in procs:
+                    try:
+                        procs[pid] = psutil.Process(pid)
+                    except psutil.NoSuchProcess:
+                        pass
+            return [p for p in procs.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
         for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            for pid in self.pids():
+            for proc in alive():
                 try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
+                    proc.send_signal(sig)
+                except psutil.NoSuchProcess:
                     pass
             deadline = time.monotonic() + wait
-            while self.pids() and time.monotonic() < deadline:
+            while alive() and time.monotonic() < deadline:
                 time.sleep(0.2)
-        if self.pids():
-            raise RuntimeError(f"processes of the local cluster in {self.root} survived SIGKILL: {self.pids()}")
+        if alive():
+            raise RuntimeError(f"processes of the local cluster in {self.root} survived SIGKILL: "
+                               f"{[p.pid for p in alive()]}")
 
     # ---- reading its state ----
 
     def _processes(self) -> list[tuple[int, str]]:
         """(pid, command line) of every process started for this cluster: their command lines name
-        the nodes' temp dirs (workers name their session directory)."""
+        the nodes' temp dirs (workers name their session directory), and their children, whose
+        titles Ray rewrites (`ray::DashboardAgent`, `ray::RuntimeEnvAgent`, ...)."""
         import psutil
 
         marker = f"{self.root}/"
-        found = []
+        found: dict[int, str] = {}
         for proc in psutil.process_iter(["pid", "cmdline"]):
             cmd = " ".join(proc.info["cmdline"] or [])
             if marker in cmd and proc.info["pid"] != os.getpid():
-                found.append((proc.info["pid"], cmd))
-        return found
+                found[proc.info["pid"]] = cmd
+                try:
+                    for child in proc.children(recursive=True):
+                        found.setdefault(child.pid, f"{cmd} > {' '.join(child.cmdline())}")
+                except psutil.Error:  # it or a child ended meanwhile
+                    pass
+        found.pop(os.getpid(), None)
+        return list(found.items())
 
     def pids(self) -> list[int]:
         return [pid for pid, _ in self._processes()]

@@ -68,7 +68,19 @@ def cluster(services):
     root = tempfile.mkdtemp(prefix="ldmc-", dir="/tmp")  # short: Ray's socket paths live under it
     cluster = LocalCluster.up(root, workers=3, worker_cpus=1, node_env=services.client_env())
     yield cluster
+    import psutil
+
+    started = cluster.pids()  # with the agents, whose titles Ray rewrites (ray::DashboardAgent)
+    assert any("DashboardAgent" in " ".join(psutil.Process(pid).cmdline()) for pid in started)
     cluster.down()
+    left = []
+    for pid in started:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                left.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    assert not left, f"cluster.down() left processes running: {left}"
     shutil.rmtree(root, ignore_errors=True)
 
 
