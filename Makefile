@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 WORKDIR ?= work
 
-.PHONY: install demo test mlflow-ui cluster-up cluster-down gpu-check clean
+.PHONY: install demo test test-fast mlflow-ui cluster-up cluster-down gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q --durations=15
+
+# The lane to run while changing code: everything but the tests marked slow (CI runs `make test`).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 # Browse the runs of the local store the demo writes (<workdir>/mlflow.db).
 mlflow-ui: install

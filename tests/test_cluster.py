@@ -25,6 +25,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.localcluster import LocalCluster
 from pipeline.localservices import BUCKET, LocalServices
 
+pytestmark = pytest.mark.slow  # whole stages, servers or clusters: `make test-fast` leaves them out
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARDS = f"s3://{BUCKET}/shards/{{00000..00002}}.tar"  # the demo's 192 samples, uploaded by the fixture
 TINY = [f"data.shards={SHARDS}", f"ldm.storage_path=s3://{BUCKET}/ray-train", "vq.max_steps=8", "vq.batch_size=16",

@@ -308,6 +308,7 @@ def _tiny_encoders(cfg, root: Path) -> tuple[Path, Path]:
     return vq_dir, clip_dir
 
 
+@pytest.mark.slow
 def test_encode_stage_counts_every_fault_exactly(ray_session, tmp_path):
     import pyarrow.parquet as pq
 

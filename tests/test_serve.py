@@ -26,6 +26,8 @@ from pipeline.benchmarks.serve import (
 from pipeline.sample_client import free_port
 from pipeline.serve import MAX_PROMPT_CHARS, RequestError, validate
 
+pytestmark = pytest.mark.slow  # whole stages, servers or clusters: `make test-fast` leaves them out
+
 STEPS = 4
 
 

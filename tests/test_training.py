@@ -28,6 +28,8 @@ from pipeline.config import load_config
 from pipeline.stages.ldm import run_ldm
 from pipeline.tracking import replay_metrics, setup_experiment
 
+pytestmark = pytest.mark.slow  # whole stages, servers or clusters: `make test-fast` leaves them out
+
 ROWS, LATENT, CONTEXT, WIDTH = 48, (4, 8, 8), 8, 32
 STEPS, BATCH, CHECKPOINT_EVERY = 8, 4, 3  # 48 rows / (2 workers x 4) = 6 steps per epoch
 

@@ -11,10 +11,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.workflow import run_workflow
+
+pytestmark = pytest.mark.slow  # the whole workflow: `make test-fast` leaves it out
 
 ROOT = Path(__file__).resolve().parent.parent
 PLACES = ["sunset", "forest", "harbour", "mountain", "city street", "meadow", "snowfield", "desert"]

@@ -15,6 +15,8 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.workflow import run_workflow
 
+pytestmark = pytest.mark.slow  # whole stages, servers or clusters: `make test-fast` leaves them out
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red circle on the left", "a blue square on the right"]
 
