@@ -24,6 +24,9 @@ def setup_experiment(tracking_uri: str, experiment_name: str, workdir: str | Pat
     than under whatever directory the job happened to start in.
     """
     mlflow.set_tracking_uri(tracking_uri)
+    # Models register in the same store. A registry URI set earlier in this process (resolving a
+    # models:/ URI sets one) would otherwise stay, and this run's models would land in that store.
+    mlflow.set_registry_uri(tracking_uri)
     experiment = mlflow.get_experiment_by_name(experiment_name)
     if experiment is None:
         artifact_location = None
