@@ -74,6 +74,26 @@ def log_component(kind: str, directory: Path, base_name: str, alias: str) -> dic
     return registered
 
 
+def log_package(out: Path, latents_dir: Path, vq_dir: Path, clip_dir: Path, cfg, run_id: str) -> dict:
+    """The trained UNet with its first stage and text encoder as one pipeline model (`out/model`),
+    logged in the active run and registered as `mlflow.registered_model_name` with the alias; the
+    samples stage's sampling settings become the package's defaults. Writes `out/registered.json`."""
+    from dataclasses import asdict
+
+    from pipeline.model_package import MLFLOW_ARTIFACT, write_package
+
+    meta = json.loads((latents_dir / "metadata.json").read_text())
+    sampling = {"guidance_scale": cfg.samples.guidance_scale, "steps": cfg.samples.steps,
+                "sampler": cfg.samples.sampler}
+    write_package(out / "model", out, vq_dir, clip_dir, meta, asdict(cfg.ldm.schedule), sampling)
+    logged_uri, version = log_and_register("model", PACKAGE_DIR / "mlflow_model.py", {MLFLOW_ARTIFACT: str(out / "model")},
+                                           cfg.mlflow.registered_model_name, cfg.mlflow.alias)
+    registered = {"model_uri": f"models:/{cfg.mlflow.registered_model_name}/{version}",
+                  "logged_model_uri": logged_uri, "run_id": run_id, "version": version}
+    (out / "registered.json").write_text(json.dumps(registered))
+    return registered
+
+
 def load_vq(uri: str, tracking_uri: str | None = None):
     """A VQ model from a registered-model URI (models:/..., runs:/...) or a local directory."""
     from pipeline.models.vq import VQModel

@@ -1,0 +1,90 @@
+"""The stages' cache keys are complete: every config field is in the key of exactly the stages that
+declare it (a section or the field itself), or it is named, with its reason, as in no key. A field
+that changes what a stage computes but is missing from its key (as `data.max_image_pixels` once
+was from vq's and clip's) would serve a stale result for the new config."""
+
+import copy
+import dataclasses
+
+import pytest
+
+from pipeline.config import PipelineConfig, load_config
+from pipeline.workflow import NOT_IN_ANY_KEY, STAGE_BY_NAME, STAGES, config_key, config_value
+
+
+def leaf_fields(node, prefix=""):
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from leaf_fields(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return value + "-other"
+    if isinstance(value, list):
+        return [*value, "another prompt"]
+    raise TypeError(f"no changed value for {value!r}: extend the test")
+
+
+def with_field(cfg: PipelineConfig, path: str, value) -> PipelineConfig:
+    cfg = copy.deepcopy(cfg)
+    *parents, name = path.split(".")
+    node = cfg
+    for part in parents:
+        node = getattr(node, part)
+    setattr(node, name, value)
+    return cfg
+
+
+def declares(stage, path: str) -> bool:
+    return any(path == read or path.startswith(read + ".") for read in stage.reads)
+
+
+CFG = load_config(None, [])
+FIELDS = dict(leaf_fields(CFG))
+
+
+@pytest.mark.parametrize("path", sorted(FIELDS))
+def test_a_config_field_changes_exactly_the_keys_of_the_stages_that_read_it(path):
+    before = {stage.name: config_key(CFG, stage) for stage in STAGES}
+    other = with_field(CFG, path, changed(FIELDS[path]))
+    moved = {stage.name for stage in STAGES if config_key(other, stage) != before[stage.name]}
+    readers = {stage.name for stage in STAGES if declares(stage, path)}
+    assert moved == readers, (path, moved, readers)
+    if not readers:
+        assert path.split(".")[0] in NOT_IN_ANY_KEY, (
+            f"{path} is in no stage's key: declare it in a Stage's reads in pipeline/workflow.py, or name it in "
+            f"NOT_IN_ANY_KEY with the reason the results do not depend on it")
+
+
+def test_the_fields_named_in_no_key_are_really_read_by_no_stage():
+    for section in NOT_IN_ANY_KEY:
+        config_value(CFG, section)  # exists
+        assert not [stage.name for stage in STAGES if any(read.split(".")[0] == section for read in stage.reads)]
+
+
+def test_a_stage_reads_only_earlier_stages_and_known_inputs():
+    seen = set()
+    for stage in STAGES:
+        for read in stage.reads:
+            config_value(CFG, read)  # a path that exists
+        for name in stage.inputs:
+            assert name in ("shards", "prompts") or name in seen, (stage.name, name)
+        seen.add(stage.name)
+    assert set(STAGE_BY_NAME) == seen
+
+
+def test_what_changes_what_a_stage_computes_is_in_its_key():
+    """The holes there were, by name: the pixel limit changes which images vq and clip train on;
+    the sampling defaults are baked into the ldm stage's package."""
+    vq, clip, ldm = (STAGE_BY_NAME[name] for name in ("vq", "clip", "ldm"))
+    assert declares(vq, "data.max_image_pixels") and declares(clip, "data.max_image_pixels")
+    for path in ("samples.guidance_scale", "samples.steps", "samples.sampler"):
+        assert declares(ldm, path)
