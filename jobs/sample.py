@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, SamplingDefaults, load_config
 from pipeline.sample_client import ensure_app, generate_to_dir, health
 
 
@@ -62,12 +62,12 @@ def main(argv=None) -> int:
     base_url = f"http://{host}:{port}"
     started = ensure_app(args.model, tracking_uri, cfg.serve, cfg.ray_address)
     try:
-        defaults = (health(base_url) or {}).get("defaults", {})
+        defaults = SamplingDefaults.of((health(base_url) or {}).get("defaults"))
         records = generate_to_dir(
             prompts, args.out, base_url=base_url,
-            guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults.get("guidance_scale", 3.0),
-            steps=args.steps if args.steps is not None else defaults.get("steps", 50),
-            sampler=args.sampler or defaults.get("sampler", "ddim"),
+            guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults["guidance_scale"],
+            steps=args.steps if args.steps is not None else defaults["steps"],
+            sampler=args.sampler or defaults["sampler"],
             seed=args.seed, num_per_prompt=args.num_per_prompt, concurrency=cfg.serve.max_batch_size,
         )
     except RuntimeError as err:

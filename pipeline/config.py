@@ -231,6 +231,22 @@ class LDMConfig:
             raise ConfigError(f"ldm.stall_timeout_s must be >= 0 (0: wait forever), got {self.stall_timeout_s}")
 
 
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """How a model samples when a request does not say: the one place these values are spelled.
+    The samples stage's settings are written into each package as its own defaults (model.json)."""
+
+    guidance_scale: float = 3.0
+    steps: int = 50
+    sampler: str = "ddim"
+
+    @classmethod
+    def of(cls, given: dict | None) -> dict:
+        """A package's `sampling` map with every key, the missing ones from here."""
+        base = cls()
+        return {name: (given or {}).get(name, getattr(base, name)) for name in ("guidance_scale", "steps", "sampler")}
+
+
 @dataclass
 class SamplesConfig:
     prompts: list[str] = field(default_factory=lambda: list(DEMO_PROMPTS))
@@ -240,9 +256,9 @@ class SamplesConfig:
     """A UTF-8 file with one prompt per line (on shared storage on a cluster); replaces `prompts`."""
     heldout_prompts: int = 16
     """How many held-out captions to sample when neither `prompts` nor `prompts_file` is given."""
-    guidance_scale: float = 3.0
-    steps: int = 50
-    sampler: str = "ddim"
+    guidance_scale: float = SamplingDefaults.guidance_scale
+    steps: int = SamplingDefaults.steps
+    sampler: str = SamplingDefaults.sampler
     seed: int = 0
     num_per_prompt: int = 4
     adherence_images: int = 120

@@ -15,7 +15,7 @@ class LatentDiffusionPyfunc(PythonModel):
     def load_context(self, context):
         from pipeline.model_package import MLFLOW_ARTIFACT, PipelineModel
 
-        self.model = PipelineModel(context.artifacts[MLFLOW_ARTIFACT])
+        self.model = PipelineModel.load(context.artifacts[MLFLOW_ARTIFACT])
 
     def predict(self, context, model_input, params=None):
         from pipeline.model_package import GenerationRequest, png_bytes
@@ -23,8 +23,8 @@ class LatentDiffusionPyfunc(PythonModel):
         params = {**self.model.defaults, **(params or {})}
         prompts = list(model_input["prompt"])
         seeds = list(model_input["seed"]) if "seed" in model_input else list(range(len(prompts)))
-        requests = [GenerationRequest(p, int(s), float(params.get("guidance_scale", 3.0))) for p, s in zip(prompts, seeds)]
-        images = self.model.generate(requests, int(params.get("steps", 50)), str(params.get("sampler", "ddim")))
+        requests = [GenerationRequest(p, int(s), float(params["guidance_scale"])) for p, s in zip(prompts, seeds)]
+        images = self.model.generate(requests, int(params["steps"]), str(params["sampler"]))
         return [base64.b64encode(png_bytes(img)).decode() for img in images]
 
 

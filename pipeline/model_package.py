@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.conditioning import Conditioning
-from pipeline.data.images import tensor_to_images
+from pipeline.config import SamplingDefaults
+from pipeline.data.images import tensor_to_images, tile
 from pipeline.diffusion import NoiseSchedule
 from pipeline.models.text import TextEncoder
 from pipeline.models.unet import UNet, UNetConfig
@@ -90,35 +91,55 @@ def resolve_model_uri(model_uri: str, tracking_uri: str | None = None,
     return find_package_dir(downloaded, required)
 
 
+def resolve_model_version(model_uri: str, tracking_uri: str | None = None) -> str:
+    """models:/name@alias, models:/name/latest or models:/name/Stage -> models:/name/N; others as given."""
+    if not model_uri.startswith("models:/"):
+        return model_uri
+    rest = model_uri[len("models:/"):]
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri or None, registry_uri=tracking_uri or None)
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias).version
+        else:
+            name, _, ref = rest.rpartition("/")
+            if not name or ref.isdigit():
+                return model_uri
+            if ref == "latest":
+                version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+            else:
+                version = client.get_latest_versions(name, [ref])[0].version
+        return f"models:/{name}/{version}"
+    except Exception:  # noqa: BLE001 - the version header is informative; loading reports real errors
+        return model_uri
+
+
 @dataclass
 class GenerationRequest:
     """One image to generate; a batch may mix prompts, seeds and guidance scales."""
 
     prompt: str
     seed: int = 0
-    guidance_scale: float = 3.0
+    guidance_scale: float = SamplingDefaults.guidance_scale
 
 
 class PipelineModel:
     """Prompts -> images with the EMA UNet, the VQ decoder and the CLIP text encoder."""
 
-    def __init__(self, directory: str | Path):
-        directory = Path(directory)
-        meta = json.loads((directory / "model.json").read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{directory}: unsupported model format {meta.get('format')!r}, expected {FORMAT}")
-        self.directory = directory
-        self.meta = meta
-        self.schedule = NoiseSchedule.from_dict(meta["schedule"])
-        self.unet = UNet(UNetConfig(**json.loads((directory / "unet.json").read_text())))
-        self.unet.load_state_dict(load_file(str(directory / "unet.safetensors")))
-        self.unet.eval()
-        self.vq, _ = VQModel.load(directory / "vq")
-        self.text = TextEncoder.load(directory / "text_encoder")
-        self.null = self.text.null()
-        self.latent_scale = float(meta["latent_scale"])
-        self.latent_shape = tuple(meta["latent_shape"])
-        self.defaults = meta.get("sampling", {})
+    def __init__(self, unet: UNet, vq: VQModel, text: TextEncoder, schedule: NoiseSchedule, latent_scale: float,
+                 latent_shape: tuple[int, ...], defaults: dict | None = None, null: Conditioning | None = None):
+        """From the networks (the ldm stage's in-training grids build one so); `load` reads a package."""
+        self.schedule = schedule
+        self.unet = unet.eval()
+        self.vq = vq
+        self.text = text
+        self.null = self.text.null() if null is None else null
+        self.latent_scale = float(latent_scale)
+        self.latent_shape = tuple(latent_shape)
+        self.defaults = SamplingDefaults.of(defaults)
+        """guidance_scale, steps and sampler of a request that does not give them."""
         self.device = torch.device("cpu")
         self._prompt_cache: OrderedDict[str, Conditioning] = OrderedDict()
         self.fixed_batch = 0
@@ -139,8 +160,21 @@ class PipelineModel:
         return self
 
     @classmethod
+    def load(cls, directory: str | Path) -> "PipelineModel":
+        """A package directory (`write_package`'s layout)."""
+        directory = Path(directory)
+        meta = json.loads((directory / "model.json").read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{directory}: unsupported model format {meta.get('format')!r}, expected {FORMAT}")
+        unet = UNet(UNetConfig(**json.loads((directory / "unet.json").read_text())))
+        unet.load_state_dict(load_file(str(directory / "unet.safetensors")))
+        return cls(unet, VQModel.load(directory / "vq")[0], TextEncoder.load(directory / "text_encoder"),
+                   NoiseSchedule.from_dict(meta["schedule"]), meta["latent_scale"], meta["latent_shape"],
+                   meta.get("sampling"))
+
+    @classmethod
     def from_uri(cls, model_uri: str, tracking_uri: str | None = None) -> "PipelineModel":
-        return cls(resolve_model_uri(model_uri, tracking_uri))
+        return cls.load(resolve_model_uri(model_uri, tracking_uri))
 
     @property
     def context_length(self) -> int:
@@ -191,6 +225,10 @@ class PipelineModel:
         latents = sample(sampler, model_fn, x, self.schedule, num_steps=steps, generator=generators)
         images = self._decode(latents / self.latent_scale)
         return list(tensor_to_images(images))
+
+    def grid(self, requests: list[GenerationRequest], steps: int, sampler: str, ncol: int = 0) -> np.ndarray:
+        """`generate`'s images tiled into one near-square picture (uint8), row by row."""
+        return tile(self.generate(requests, steps, sampler), ncol)
 
 
 class FixedRowsUNet:

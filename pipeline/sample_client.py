@@ -71,13 +71,11 @@ def ensure_app(model_uri: str, tracking_uri: str | None, serve_cfg: ServeConfig,
     from ray import serve
 
     from pipeline.ray_runtime import init_ray
-    from pipeline.serve import app
+    from pipeline.serve import AppArgs, app
 
     init_ray(ray_address)
     serve.start(http_options={"host": host, "port": port})
-    application = app({"model_uri": model_uri, "tracking_uri": tracking_uri or "",
-                       "max_batch_size": serve_cfg.max_batch_size, "batch_wait_timeout_s": serve_cfg.batch_wait_timeout_s,
-                       "num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus})
+    application = app(AppArgs.of(model_uri, tracking_uri, serve_cfg))
     # serve.run waits until the app runs, with no limit: a replica that cannot be placed or cannot
     # load its model would hold this job forever. So it runs aside, and the wait here is bounded.
     deploying = threading.Thread(target=serve.run, args=(application,), daemon=True,
@@ -149,21 +147,16 @@ def generate_to_dir(prompts: list[str], out_dir: str | Path, *, base_url: str, g
     with open(out_dir / "manifest.jsonl", "w") as f:
         for record in records:
             f.write(json.dumps(asdict(record)) + "\n")
-    write_grid([out_dir / r.file for r in records], out_dir / "grid.png", ncol=max(1, num_per_prompt))
+    write_grid([out_dir / r.file for r in records], out_dir / "grid.png", ncol=num_per_prompt if num_per_prompt > 1 else 0)
     return records
 
 
 def write_grid(files: list[Path], path: Path, ncol: int) -> None:
-    """Tile images row by row (one row per prompt when ncol = images per prompt)."""
+    """Tile images row by row (one row per prompt when ncol = images per prompt; 0: near-square)."""
+    import numpy as np
     from PIL import Image
 
-    images = [Image.open(f).convert("RGB") for f in files]
-    if not images:
-        return
-    w, h = images[0].size
-    pad = 2
-    rows = (len(images) + ncol - 1) // ncol
-    grid = Image.new("RGB", (ncol * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
-    for i, img in enumerate(images):
-        grid.paste(img, (pad + (i % ncol) * (w + pad), pad + (i // ncol) * (h + pad)))
-    grid.save(path)
+    from pipeline.data.images import tile
+
+    if files:
+        Image.fromarray(tile([np.asarray(Image.open(f).convert("RGB")) for f in files], ncol)).save(path)

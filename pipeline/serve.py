@@ -42,110 +42,16 @@ from itertools import groupby
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from pipeline.model_package import GenerationRequest, PipelineModel, png_bytes
-from pipeline.sampling import SAMPLERS
+from pipeline.config import ServeConfig
+from pipeline.model_package import GenerationRequest, PipelineModel, png_bytes, resolve_model_version
+from pipeline.serve_requests import (  # noqa: F401 - the request API, importable from here too
+    KNOWN_FIELDS, LIMITS, MAX_BODY_BYTES, MAX_PROMPT_CHARS, GenerateParams, RequestError, validate)
 
-LIMITS = {"guidance_scale": (0.0, 30.0), "steps": (1, 1000), "num_images": (1, 16)}
-MAX_PROMPT_CHARS = 2000
-"""Longer prompts are refused (400); shorter ones beyond the encoder's context are truncated."""
-MAX_BODY_BYTES = 64 * 1024
-"""Larger /generate bodies are refused (413)."""
 LATENCY_WINDOW = 10_000
 """/metrics latency percentiles are over the last this many answered requests."""
-KNOWN_FIELDS = ("prompt", "guidance_scale", "steps", "seed", "num_images", "sampler")
-
-
-class RequestError(ValueError):
-    """A request field is missing, of the wrong type or out of range."""
-
-    def __init__(self, field: str, message: str, status: int = 400):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.status = status
-
-
-@dataclass
-class GenerateParams:
-    prompt: str
-    guidance_scale: float
-    steps: int
-    seed: int
-    num_images: int
-    sampler: str
-
-
-def validate(body, defaults: dict, max_steps: int = LIMITS["steps"][1]) -> GenerateParams:
-    """Check a /generate body; raises RequestError naming the first bad field.
-
-    `max_steps` further bounds steps (the model's number of training timesteps).
-    """
-    if not isinstance(body, dict):
-        raise RequestError("body", "must be a JSON object")
-    unknown = sorted(set(body) - set(KNOWN_FIELDS))
-    if unknown:
-        raise RequestError(unknown[0], f"unknown field; known fields: {sorted(KNOWN_FIELDS)}")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str):
-        raise RequestError("prompt", "required, must be a string")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise RequestError("prompt", f"at most {MAX_PROMPT_CHARS} characters, got {len(prompt)} "
-                                     "(prompts beyond the text encoder's context are truncated)")
-
-    def number(name, kind, default, high=None):
-        value = body.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-            raise RequestError(name, f"must be {'a number' if kind is float else 'an integer'}")
-        low, top = LIMITS.get(name, (None, None))
-        if high is not None:
-            top = min(top, high)
-        if low is not None and not low <= value <= top:  # NaN fails too
-            raise RequestError(name, f"must be in [{low}, {top}], got {value}")
-        return kind(value)
-
-    sampler = body.get("sampler", defaults.get("sampler", "ddim"))
-    if not isinstance(sampler, str) or sampler not in SAMPLERS:
-        raise RequestError("sampler", f"must be one of {sorted(SAMPLERS)}")
-    seed = number("seed", int, 0)
-    if not 0 <= seed < 2**63:
-        raise RequestError("seed", "must be in [0, 2**63)")
-    num_images = number("num_images", int, 1)
-    if seed + num_images > 2**63:
-        raise RequestError("seed", "seed + num_images must be at most 2**63")
-    return GenerateParams(
-        prompt=prompt,
-        guidance_scale=number("guidance_scale", float, defaults.get("guidance_scale", 3.0)),
-        steps=number("steps", int, defaults.get("steps", 50), high=max_steps),
-        seed=seed,
-        num_images=num_images,
-        sampler=sampler,
-    )
-
-
-def resolve_model_version(model_uri: str, tracking_uri: str | None = None) -> str:
-    """models:/name@alias, models:/name/latest or models:/name/Stage -> models:/name/N; others as given."""
-    if not model_uri.startswith("models:/"):
-        return model_uri
-    rest = model_uri[len("models:/"):]
-    try:
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri=tracking_uri or None, registry_uri=tracking_uri or None)
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias).version
-        else:
-            name, _, ref = rest.rpartition("/")
-            if not name or ref.isdigit():
-                return model_uri
-            if ref == "latest":
-                version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-            else:
-                version = client.get_latest_versions(name, [ref])[0].version
-        return f"models:/{name}/{version}"
-    except Exception:  # noqa: BLE001 - the version header is informative; loading reports real errors
-        return model_uri
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -416,28 +322,45 @@ class Ingress:
             raise RequestError("body", "JSON nested too deeply") from None
 
 
-def app(args: dict):
-    """Application builder: `serve run pipeline.serve:app model_uri=URI [tracking_uri=URI]`.
+class AppArgs(BaseModel):
+    """The Serve app's arguments (`args:` of a Serve config, or `serve run ... key=value`), checked
+    by Serve against these types before the app is built; the defaults are ServeConfig's."""
 
-    Optional arguments: max_batch_size, batch_wait_timeout_s, fixed_batch (requests per UNet forward,
-    padded; default max_batch_size; 0 runs each batch at its own size, which gives up bitwise
-    determinism under batching), num_cpus and num_gpus of the sampler replica (torch uses num_cpus
-    threads), num_replicas.
-    """
-    if "model_uri" not in args:
-        raise ValueError("pipeline.serve:app needs the argument model_uri")
-    num_cpus = float(args.get("num_cpus", 1))
-    max_batch_size = int(args.get("max_batch_size", 16))
-    fixed_batch = args.get("fixed_batch")
+    model_config = ConfigDict(extra="forbid")
+
+    model_uri: str
+    tracking_uri: str = ""
+    max_batch_size: int = Field(ServeConfig.max_batch_size, ge=1)
+    batch_wait_timeout_s: float = Field(ServeConfig.batch_wait_timeout_s, ge=0)
+    fixed_batch: int | None = Field(None, ge=0)
+    """Requests per UNet forward, padded; None: max_batch_size; 0 runs each batch at its own size,
+    which gives up bitwise determinism under batching."""
+    num_cpus: float = Field(ServeConfig.num_cpus, gt=0)
+    """CPUs of the sampler replica; torch uses that many threads."""
+    num_gpus: float = Field(ServeConfig.num_gpus, ge=0)
+    num_replicas: int = Field(1, ge=1)
+
+    @classmethod
+    def of(cls, model_uri: str, tracking_uri: str | None, cfg: ServeConfig, **more) -> "AppArgs":
+        """A job's app arguments from its `serve` config section."""
+        return cls(model_uri=model_uri, tracking_uri=tracking_uri or "", max_batch_size=cfg.max_batch_size,
+                   batch_wait_timeout_s=cfg.batch_wait_timeout_s, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, **more)
+
+
+def app(args: AppArgs):
+    """Application builder: `serve run pipeline.serve:app model_uri=URI [tracking_uri=URI] ...`
+    (the fields of AppArgs)."""
+    if isinstance(args, dict):  # called directly rather than by Serve
+        args = AppArgs.model_validate(args)
     sampler = Sampler.options(
-        ray_actor_options={"num_cpus": num_cpus, "num_gpus": float(args.get("num_gpus", 0))},
-        num_replicas=int(args.get("num_replicas", 1)),
+        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        num_replicas=args.num_replicas,
     ).bind(
-        args["model_uri"],
-        args.get("tracking_uri") or None,
-        max_batch_size,
-        float(args.get("batch_wait_timeout_s", 0.05)),
-        max(1, int(num_cpus)),
-        None if fixed_batch in (None, "") else int(fixed_batch),
+        args.model_uri,
+        args.tracking_uri or None,
+        args.max_batch_size,
+        args.batch_wait_timeout_s,
+        max(1, int(args.num_cpus)),
+        args.fixed_batch,
     )
     return Ingress.bind(sampler)

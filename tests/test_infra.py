@@ -534,6 +534,9 @@ def test_ray_services_import_the_serve_app_with_a_registered_model():
             assert app["name"] and app["route_prefix"].startswith("/"), where
             assert re.fullmatch(r"[\w.]+:\w+", app["import_path"]), f"{where}: import_path"
             assert app["args"]["model_uri"] == "models:/ldm-pipeline@production", where
+            from pipeline.serve import AppArgs
+
+            AppArgs.model_validate(app["args"])  # what Serve checks before it builds the app: names and types
 
 
 # --- policy: every pod ----------------------------------------------------------------------------

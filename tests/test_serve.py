@@ -4,7 +4,6 @@ One app (real Ray Serve, under the session's local Ray) for the whole module; th
 initialised (no training), which is enough for everything but the pictures' content.
 """
 
-import asyncio
 import json
 import time
 import urllib.error
@@ -63,12 +62,26 @@ def test_validate_unit():
     assert err.value.field == "steps"
 
 
+def test_app_arguments_are_typed_and_a_misspelt_one_is_named():
+    from pydantic import ValidationError
+
+    from pipeline.config import ServeConfig
+    from pipeline.serve import AppArgs
+
+    args = AppArgs.model_validate({"model_uri": "models:/m/1", "num_cpus": "4"})  # as a Serve config gives them
+    assert args.num_cpus == 4.0 and args.max_batch_size == ServeConfig.max_batch_size
+    for bad, name in (({"model_uri": "m", "max_batch": 8}, "max_batch"), ({"max_batch_size": 8}, "model_uri"),
+                      ({"model_uri": "m", "max_batch_size": 0}, "max_batch_size")):
+        with pytest.raises(ValidationError, match=name):
+            AppArgs.model_validate(bad)
+
+
 def test_fixed_batch_makes_latents_batch_invariant(package):
     import torch
 
     from pipeline.model_package import GenerationRequest, PipelineModel
 
-    model = PipelineModel(package)
+    model = PipelineModel.load(package)
     model.fixed_batch = 4  # 8 rows per forward: the batch of 6 below takes two chunks
     latents = []
     decode = model.vq.decode

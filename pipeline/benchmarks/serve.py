@@ -268,15 +268,13 @@ def start_app(model_uri: str, port: int, *, tracking_uri: str | None = None, num
     import ray
     from ray import serve
 
-    from pipeline.serve import app
+    from pipeline.serve import AppArgs, app
 
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"model_uri": model_uri, "tracking_uri": tracking_uri or "", "num_cpus": num_cpus,
-            "max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
-    if fixed_batch is not None:
-        args["fixed_batch"] = fixed_batch
+    args = AppArgs(model_uri=model_uri, tracking_uri=tracking_uri or "", num_cpus=num_cpus,
+                   max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s, fixed_batch=fixed_batch)
     serve.run(app(args), name=name, route_prefix="/", blocking=False)
     base_url = f"http://127.0.0.1:{port}"
     wait_healthy(base_url, model_uri, timeout_s)
