@@ -313,7 +313,7 @@ def test_encode_stage_counts_every_fault_exactly(ray_session, tmp_path):
     import pyarrow.parquet as pq
 
     from pipeline.config import load_config
-    from pipeline.data.shards import resolve_shards
+    from pipeline.data.locate import resolve_shards
     from pipeline.stages.encode import run_encode
 
     cfg = load_config(None, [f"workdir={tmp_path / 'work'}", f"data.image_size={IMAGE_SIZE}",

@@ -15,7 +15,8 @@ import webdataset
 from PIL import Image
 
 from pipeline.data.demo import demo_sample
-from pipeline.data.shards import folder_to_shards, resolve_shards, write_demo_shards, write_shards
+from pipeline.data.locate import resolve_shards
+from pipeline.data.shards import folder_to_shards, write_demo_shards, write_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,34 +201,15 @@ def test_folder_to_shards_from_jsonl(tmp_path):
 @pytest.mark.parametrize(
     ("file_name", "content", "error", "message"),
     [
-        (
-            "captions.csv",
-            "file,caption\na.jpg,ok\nmissing.png,gone\n",
-            FileNotFoundError,
-            r"captions.csv:3.*missing.png",
-        ),
+        ("captions.csv", "file,caption\na.jpg,ok\nmissing.png,gone\n", FileNotFoundError, r"captions.csv:3.*missing.png"),
         ("captions.csv", "file,text\na.jpg,ok\n", ValueError, r"captions.csv.*'caption' column"),
         ("captions.csv", "", ValueError, r"captions.csv.*empty"),
-        (
-            "captions.csv",
-            "file,caption\nnotes.txt,not an image\n",
-            ValueError,
-            r"captions.csv:2.*notes.txt",
-        ),
-        (
-            "captions.jsonl",
-            '{"file": "a.jpg", "caption": "ok"}\n{"file": "b.png", caption}\n',
-            ValueError,
-            r"captions.jsonl:2.*invalid JSON",
-        ),
+        ("captions.csv", "file,caption\nnotes.txt,not an image\n", ValueError, r"captions.csv:2.*notes.txt"),
+        ("captions.jsonl", '{"file": "a.jpg", "caption": "ok"}\n{"file": "b.png", caption}\n', ValueError,
+         r"captions.jsonl:2.*invalid JSON"),
         ("captions.jsonl", '{"file": "a.jpg"}\n', ValueError, r"captions.jsonl:1.*'caption'"),
         ("captions.jsonl", '["a.jpg", "ok"]\n', ValueError, r"captions.jsonl:1.*JSON object"),
-        (
-            "captions.jsonl",
-            '{"file": "nope.jpg", "caption": "x"}\n',
-            FileNotFoundError,
-            r"captions.jsonl:1.*nope.jpg",
-        ),
+        ("captions.jsonl", '{"file": "nope.jpg", "caption": "x"}\n', FileNotFoundError, r"captions.jsonl:1.*nope.jpg"),
         ("captions.txt", "a.jpg ok\n", ValueError, r"\.csv or \.jsonl"),
     ],
 )

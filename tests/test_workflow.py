@@ -147,7 +147,7 @@ def test_pretrained_clip_file_and_registered_vq_are_loaded_not_trained(demo_run,
     vq.pretrained: the VQ registered by the run, by URI. Neither stage trains."""
     import torch
 
-    from pipeline.data.shards import resolve_shards
+    from pipeline.data.locate import resolve_shards
     from pipeline.models.text import TextEncoder, build_text_encoder
     from pipeline.models.vq import VQModel
     from pipeline.stages.clip import encoder_spec, run_clip

@@ -134,7 +134,8 @@ def main(argv: list[str]) -> dict:
     import torch
 
     from pipeline.config import load_config
-    from pipeline.data.shards import resolve_shards, write_demo_shards
+    from pipeline.data.locate import resolve_shards
+    from pipeline.data.shards import write_demo_shards
     from pipeline.models.text import build_text_encoder
     from pipeline.models.vq import VQModel
     from pipeline.ray_runtime import init_ray

@@ -34,25 +34,13 @@ from pipeline.tracking import MetricLogger, replay_when_back
 from pipeline.training.checkpoint import count_parameters, export_unet, load_checkpoint, save_checkpoint
 from pipeline.training.ema import EMA
 from pipeline.training.faults import FaultInjection
-from pipeline.training.latents import LATENT_COLUMNS, GlobalOrder, LatentTable
+from pipeline.training.grids import GridConfig, SampleGrids
+from pipeline.training.latents import LATENT_COLUMNS, StreamBatches, TableBatches
 from pipeline.training.progress import StallWatchdog, StepReporter, progress_board
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What rank 0 logs every step; a restarted run does not log a step of these twice.
 STEP_METRICS = ("loss", "lr", "grad_norm", "data_wait_frac", "nonfinite_steps", "img_per_s")
-
-
-@dataclass
-class GridConfig:
-    """In-training sample grids (rank 0): fixed prompts and seeds, the VQ and text encoder to use."""
-
-    prompts: list[str]
-    clip_dir: str
-    vq_dir: str
-    latent_shape: list[int]
-    seed: int
-    guidance_scale: float
-    steps: int
 
 
 @dataclass
@@ -137,41 +125,6 @@ def setup_model_and_optimizer(loop: LDMLoopConfig, world_size: int):
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(loop, world_size))
     return engine, scheduler
-
-
-class TableBatches:
-    """Micro-batches from the latent table in this worker's memory, in the global order."""
-
-    def __init__(self, loop: LDMLoopConfig, rank: int, world: int, device: torch.device):
-        self.loop, self.rank, self.world, self.device = loop, rank, world, device
-        self.table = LatentTable(str(Path(loop.latents_dir) / "data"))
-        self.order = GlobalOrder(self.table.rows, loop.global_batch(world), loop.seed)
-
-    def get(self, step: int, micro: int) -> tuple[torch.Tensor, Conditioning]:
-        rows = self.order.micro_batch(step, micro, self.rank, self.world, self.loop.batch_size)
-        return self.table.batch(rows, self.device, self.loop.latent_scale)
-
-
-class StreamBatches:
-    """`ldm.stream_latents`: this worker's part of Ray Data's streaming split, epoch after epoch.
-    A resumed run continues at the right step, but not with the batches it would have had."""
-
-    def __init__(self, loop: LDMLoopConfig, rank: int, world: int, device: torch.device):
-        self.loop, self.device = loop, device
-        self.shard = ray.train.get_dataset_shard("train")
-        self.epoch, self.batches = 0, iter(())
-
-    def get(self, step: int, micro: int) -> tuple[torch.Tensor, Conditioning]:
-        for _ in range(2):
-            for batch in self.batches:
-                x0 = batch["latent"].to(self.device).float() * self.loop.latent_scale
-                cond = Conditioning(batch["tokens"], batch["mask"].bool(), batch["pooled"])
-                return x0, cond.to(self.device, torch.float32)
-            self.batches = iter(self.shard.iter_torch_batches(
-                batch_size=self.loop.batch_size, drop_last=True, local_shuffle_buffer_size=8 * self.loop.batch_size,
-                local_shuffle_seed=self.loop.seed + 1000 * self.epoch))
-            self.epoch += 1
-        raise RuntimeError(f"this worker's part of the streamed latents holds no full batch of {self.loop.batch_size}")
 
 
 def next_batch(batches, step: int, micro: int) -> tuple[tuple[torch.Tensor, Conditioning], float]:
@@ -342,49 +295,6 @@ def ldm_train_loop(config: dict) -> None:
     finally:
         if logger:
             logger.close()
-
-
-class SampleGrids:
-    """Rank 0: sample grids of fixed prompts and seeds from the EMA weights, logged to MLflow."""
-
-    def __init__(self, loop: LDMLoopConfig, logger: MetricLogger, device: torch.device):
-        self.loop, self.logger, self.device = loop, logger, device
-        self.vq = self.unet = self.cond = None  # built at the first grid, reused after
-
-    def log(self, weights: dict, step: int) -> None:
-        """Never fails the training: a grid that cannot be made or logged is reported and skipped."""
-        try:
-            self._log(weights, step)
-        except Exception as error:  # noqa: BLE001
-            print(f"[ldm] no sample grid for step {step}: {type(error).__name__}: {error}", flush=True)
-
-    @torch.no_grad()
-    def _log(self, weights: dict, step: int) -> None:
-        from torchvision.utils import make_grid
-
-        from pipeline.models.text import TextEncoder
-        from pipeline.models.vq import VQModel
-        from pipeline.sampling import guided, randn_per_sample, sample
-        from pipeline.stages.encode import load_null_condition
-
-        grid, start = self.loop.grid, time.perf_counter()
-        if self.vq is None:
-            self.vq = VQModel.load(grid.vq_dir)[0].to(self.device)
-            self.unet = UNet(UNetConfig(**self.loop.unet)).eval().to(self.device)
-            self.cond = TextEncoder.load(grid.clip_dir).encode(grid.prompts).to(self.device)
-            self.null = load_null_condition(Path(self.loop.latents_dir)).to(self.device, torch.float32)
-        self.unet.load_state_dict(weights)
-        generators = [torch.Generator().manual_seed(grid.seed + i) for i in range(len(self.cond))]
-        x = randn_per_sample((len(self.cond), *grid.latent_shape), generators, torch.device("cpu"), torch.float32)
-        schedule = NoiseSchedule(ScheduleConfig(**self.loop.schedule))
-        model_fn = guided(self.unet, self.cond, self.null, grid.guidance_scale)
-        latents = sample("ddim", model_fn, x.to(self.device), schedule, num_steps=grid.steps, generator=generators)
-        images = self.vq.decode(latents / self.loop.latent_scale).cpu()
-        picture = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=min(8, len(images)), padding=1)
-        array = (picture.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        self.logger.client.log_image(self.logger.run_id, array, artifact_file=f"samples/step_{step:06d}.png")
-        print(f"[ldm] sample grid of step {step} logged to MLflow as samples/step_{step:06d}.png "
-              f"({time.perf_counter() - start:.1f}s)", flush=True)
 
 
 def build_loop_config(cfg: PipelineConfig, latents_dir: Path, run_id: str | None, unlogged_path: str | None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -100,3 +101,40 @@ def _permutation(rows: int, seed: int, epoch: int) -> np.ndarray:
     order = np.random.default_rng([seed, epoch]).permutation(rows)
     order.flags.writeable = False
     return order
+
+
+class TableBatches:
+    """Micro-batches from the latent table in this worker's memory, in the global order."""
+
+    def __init__(self, loop, rank: int, world: int, device: torch.device):
+        self.loop, self.rank, self.world, self.device = loop, rank, world, device
+        self.table = LatentTable(str(Path(loop.latents_dir) / "data"))
+        self.order = GlobalOrder(self.table.rows, loop.global_batch(world), loop.seed)
+
+    def get(self, step: int, micro: int) -> tuple[torch.Tensor, Conditioning]:
+        rows = self.order.micro_batch(step, micro, self.rank, self.world, self.loop.batch_size)
+        return self.table.batch(rows, self.device, self.loop.latent_scale)
+
+
+class StreamBatches:
+    """`ldm.stream_latents`: this worker's part of Ray Data's streaming split, epoch after epoch.
+    A resumed run continues at the right step, but not with the batches it would have had."""
+
+    def __init__(self, loop, rank: int, world: int, device: torch.device):
+        import ray.train
+
+        self.loop, self.device = loop, device
+        self.shard = ray.train.get_dataset_shard("train")
+        self.epoch, self.batches = 0, iter(())
+
+    def get(self, step: int, micro: int) -> tuple[torch.Tensor, Conditioning]:
+        for _ in range(2):
+            for batch in self.batches:
+                x0 = batch["latent"].to(self.device).float() * self.loop.latent_scale
+                cond = Conditioning(batch["tokens"], batch["mask"].bool(), batch["pooled"])
+                return x0, cond.to(self.device, torch.float32)
+            self.batches = iter(self.shard.iter_torch_batches(
+                batch_size=self.loop.batch_size, drop_last=True, local_shuffle_buffer_size=8 * self.loop.batch_size,
+                local_shuffle_seed=self.loop.seed + 1000 * self.epoch))
+            self.epoch += 1
+        raise RuntimeError(f"this worker's part of the streamed latents holds no full batch of {self.loop.batch_size}")
