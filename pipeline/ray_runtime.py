@@ -6,9 +6,7 @@ joins it; otherwise it starts a local Ray instance with this machine's CPUs.
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,7 +14,6 @@ from typing import Callable
 import ray
 import ray.train
 import torch
-from ray.data.dataset import MaterializedDataset
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -169,102 +166,6 @@ def fit(
             raise
     watchdog.raise_if_stalled()
     return result
-
-
-def fit_small_model(train_loop: Callable[[dict], None], model_config: dict, section, *, seed: int, tracking_uri: str,
-                    run_id: str | None, train_ds, out_dir: Path, workdir: str | Path, name: str) -> None:
-    """Fit a first-stage model (vq, clip) whose config section has the usual training fields
-    (lr, batch_size, max_steps, num_workers, cpus_per_worker, use_gpu, max_train_images) and copy its
-    final checkpoint into `out_dir`.
-
-    The training set is materialised first, so the trainers can hold every CPU of a small machine
-    without starving Ray Data's read tasks.
-    """
-    if not isinstance(train_ds, MaterializedDataset):
-        train_ds = train_ds.limit(section.max_train_images).materialize()
-    loop_config = {
-        **model_config,
-        "seed": seed,
-        "lr": section.lr,
-        "warmup_steps": section.warmup_steps,
-        "batch_size": fit_batch_size(train_ds.count(), section.batch_size, section.num_workers, name),
-        "max_steps": section.max_steps,
-        "tracking_uri": tracking_uri,
-        "run_id": run_id,
-        "threads": max(1, int(section.cpus_per_worker)),
-    }
-    result = fit(
-        train_loop, loop_config, name=f"{name}-{out_dir.name}", storage_path=Path(workdir) / "ray_results",
-        num_workers=section.num_workers, use_gpu=section.use_gpu,
-        datasets={"train": train_ds},
-        cpus_per_worker=section.cpus_per_worker,
-    )
-    copy_checkpoint(result, out_dir)
-
-
-def fit_batch_size(rows: int, batch_size: int, workers: int, section: str) -> int:
-    """The per-worker batch size for `rows` training samples split over `workers`.
-
-    Batches are full (drop_last), so a worker whose share is smaller than the configured batch would
-    never get one: on a small data set the batch shrinks to the share, and says so. Fewer samples
-    than workers is an error naming the keys.
-    """
-    share = rows // max(1, workers)
-    if share < 1:
-        raise ValueError(f"{rows} training samples cannot be split over {section}.num_workers={workers} workers; "
-                         f"use fewer workers or more data")
-    if share < batch_size:
-        print(f"[{section}] {section}.batch_size={batch_size} is more than each worker's {share} training samples "
-              f"({rows} over {workers} workers): using batches of {share}", flush=True)
-        return share
-    return batch_size
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Linear warmup over `warmup_steps`, then cosine decay to zero at `total_steps` (step per batch)."""
-
-    def factor(step: int) -> float:  # step = optimizer steps taken so far
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def batches_until(shard, batch_size: int, max_steps: int):
-    """Yield (step, numpy batch) from a Ray Train dataset shard, epoch after epoch, until max_steps."""
-    step = 0
-    while step < max_steps:
-        epoch_start = step
-        for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy",
-                                        local_shuffle_buffer_size=4 * batch_size):
-            step += 1
-            yield step, batch
-            if step >= max_steps:
-                return
-        if step == epoch_start:  # would loop forever
-            raise RuntimeError(f"this worker's dataset shard holds no full batch of {batch_size} samples")
-
-
-def report_final_model(save: Callable[[str], None], step: int) -> None:
-    """Every rank reports once; rank 0 attaches a checkpoint written by `save(directory)`."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if ray.train.get_context().get_world_rank() == 0:
-            save(tmp)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"step": step}, checkpoint=checkpoint)
-
-
-def copy_checkpoint(result: ray.train.Result, dest: str | Path) -> None:
-    """Copy the files of the run's latest checkpoint into `dest`."""
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {result.path} reported no checkpoint")
-    with result.checkpoint.as_directory() as src:
-        shutil.copytree(src, dest, dirs_exist_ok=True)
 
 
 class ProgressLine:

@@ -81,7 +81,7 @@ def test_job_rejects_a_bad_key_before_any_work(tmp_path):
 def test_first_stage_lr_warms_up_then_decays_to_zero():
     import torch
 
-    from pipeline.ray_runtime import warmup_cosine
+    from pipeline.training.first_stage import warmup_cosine
 
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
     scheduler = warmup_cosine(optimizer, warmup_steps=4, total_steps=12)

@@ -123,6 +123,40 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_unfused_paths_read_each_weight_only_inside_its_own_module(monkeypatch):
+    """What ZeRO-3 needs: a parameter is whole only while its owning module runs. Emulated with
+    hooks that empty every weight outside its module's call; the unfused UNet computes the same
+    function as the fused one under them, the fused one cannot."""
+    fused = randomized(UNet(UNetConfig(**SMALL))).double().eval()
+    unfused = UNet(UNetConfig(**SMALL)).double().eval().use_fused_paths(False)
+    unfused.load_state_dict(fused.state_dict())
+    x, t, cond = torch.randn(2, 4, 16, 16, dtype=F64), torch.tensor([3, 600]), text(2, dtype=F64)
+    with torch.no_grad():
+        expected = fused(x, t, cond)
+        stored = {}
+
+        def gather(module, args):
+            module.weight.data = stored[module]
+
+        def release(module, args, out):
+            module.weight.data = torch.empty(0, dtype=F64)
+
+        for model in (fused, unfused):
+            for module in model.modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                    stored[module] = module.weight.data
+                    release(module, None, None)
+                    module.register_forward_pre_hook(gather)
+                    module.register_forward_hook(release)
+        torch.testing.assert_close(unfused(x, t, cond), expected, rtol=1e-9, atol=1e-12)
+        bound = unfused.bind(cond)
+        unfused.traces.after_calls = 0
+        torch.testing.assert_close(bound(x, t), expected, rtol=1e-9, atol=1e-12)
+        assert not unfused.traces.traces  # nothing traced: a trace would read weights outside their modules
+        with pytest.raises(RuntimeError):
+            fused(x, t, cond)
+
+
 def test_loss_falls_on_a_toy_problem():
     """Two captions, each always showing its own latent: 40 steps take the eps loss well below 1."""
     torch.manual_seed(0)

@@ -75,7 +75,7 @@ def test_own_folder_of_captioned_jpegs_at_another_size(ray_session, tmp_path, fr
 def test_batch_size_fits_a_small_data_set_and_too_few_samples_name_the_keys():
     import pytest
 
-    from pipeline.ray_runtime import fit_batch_size
+    from pipeline.training.first_stage import fit_batch_size
 
     assert fit_batch_size(1000, 64, 2, "ldm") == 64
     assert fit_batch_size(100, 64, 2, "ldm") == 50

@@ -22,9 +22,8 @@ from pipeline.data.reader import read_captioned_images
 from pipeline.model_package import is_model_uri
 from pipeline.models.text import (AUTO_CONTEXT_MIN, TextEncoder, TinyClipConfig, auto_context_length, build_text_encoder,
                                   clip_image_preprocess, resize_for_clip, token_counts, truncation)
-from pipeline.ray_runtime import (ProgressLine, batches_until, fit_small_model, report_final_model, run_task,
-                                  task_resources, warmup_cosine)
-from pipeline.tracking import MetricLogger
+from pipeline.ray_runtime import run_task, task_resources
+from pipeline.training.first_stage import FirstStageFit, fit_small_model
 
 RETRIEVAL_SAMPLES = 100
 
@@ -52,44 +51,34 @@ def image_features(encoder: TextEncoder, images: torch.Tensor) -> torch.Tensor:
     return encoder.clip.encode_image(clip_image_preprocess(resize_for_clip(images, size)), normalize=True)
 
 
-def clip_train_loop(config: dict) -> None:
-    """Ray Train worker loop: symmetric contrastive loss (open_clip ClipLoss) on image-caption pairs."""
-    import ray.train
-    import ray.train.torch
+class ClipFit(FirstStageFit):
+    """Symmetric contrastive loss (open_clip's ClipLoss, gathered over the workers) on image-caption pairs."""
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["threads"])
-    torch.manual_seed(config["seed"] + rank)
-    encoder = build_text_encoder(config["spec"])
-    model = ray.train.torch.prepare_model(encoder.clip)
-    loss_fn = ClipLoss(rank=rank, world_size=world, gather_with_grad=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.1)
-    scheduler = warmup_cosine(optimizer, config["warmup_steps"], config["max_steps"])
-    shard = ray.train.get_dataset_shard("train")
-    logger = MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 and config["run_id"] else None
-    progress = ProgressLine("clip", config["max_steps"])
-    device = ray.train.torch.get_device()
-    image_size = encoder.clip.visual.image_size[0]
-    step = 0
-    for step, batch in batches_until(shard, config["batch_size"], config["max_steps"]):
-        images = clip_image_preprocess(resize_for_clip(images_to_tensor(batch["image"]).to(device), image_size))
-        text = encoder.tokenize(list(batch["caption"])).to(device)
-        image_feats, text_feats, logit_scale = model(images, text)[:3]
-        loss = loss_fn(image_feats, text_feats, logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():  # CLIP clamps the learned temperature at 100
-            encoder.clip.logit_scale.clamp_(0, math.log(100))
-        if rank == 0:
-            shown = progress.update(step, len(images), loss=loss.item())
-            if logger:
-                logger.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], **shown}, step)
-    if logger:
-        logger.close()
-    report_final_model(encoder.save, step)
+    name = "clip"
+    weight_decay = 0.1  # CLIP's (Radford et al. 2021)
+
+    def __init__(self, model_config: dict, rank: int, world_size: int, device: torch.device):
+        import ray.train.torch
+
+        self.encoder = build_text_encoder(model_config)
+        self.model = ray.train.torch.prepare_model(self.encoder.clip)
+        self.loss_fn = ClipLoss(rank=rank, world_size=world_size, gather_with_grad=True)
+        self.device = device
+        self.image_size = self.encoder.clip.visual.image_size[0]
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float], int]:
+        images = images_to_tensor(batch["image"]).to(self.device)
+        images = clip_image_preprocess(resize_for_clip(images, self.image_size))
+        text = self.encoder.tokenize(list(batch["caption"])).to(self.device)
+        image_feats, text_feats, logit_scale = self.model(images, text)[:3]
+        return self.loss_fn(image_feats, text_feats, logit_scale), {}, len(images)
+
+    @torch.no_grad()
+    def after_step(self) -> None:  # CLIP clamps the learned temperature at 100
+        self.encoder.clip.logit_scale.clamp_(0, math.log(100))
+
+    def save(self, directory: str) -> None:
+        self.encoder.save(directory)
 
 
 @torch.no_grad()
@@ -154,8 +143,7 @@ def run_clip(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str 
         counts = token_counts(open_clip.tokenizer.SimpleTokenizer(), captions, 0)
         context = cfg.clip.context_length or auto_context_length(counts)
         metrics = {"context_length": context, **truncation(counts, context)}
-        fit_small_model(clip_train_loop, {"spec": encoder_spec(cfg, context)}, cfg.clip, seed=cfg.seed,
-                        tracking_uri=cfg.tracking_uri, run_id=run_id, train_ds=train_ds, out_dir=out_dir,
-                        workdir=cfg.workdir, name="clip")
+        fit_small_model(ClipFit, encoder_spec(cfg, context), cfg.clip, seed=cfg.seed, tracking_uri=cfg.tracking_uri,
+                        run_id=run_id, train_ds=train_ds, out_dir=out_dir, workdir=cfg.workdir)
     heldout = read_captioned_images(shards, split="heldout", **read).limit(RETRIEVAL_SAMPLES).materialize()
     return {**metrics, **run_task(heldout_retrieval, str(out_dir), heldout, **task_resources(cfg.clip))}

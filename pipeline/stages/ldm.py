@@ -29,7 +29,8 @@ from pipeline.conditioning import Conditioning, drop_to_null
 from pipeline.config import PipelineConfig
 from pipeline.diffusion import NoiseSchedule, ScheduleConfig, training_loss
 from pipeline.models.unet import UNet, UNetConfig, unet_config
-from pipeline.ray_runtime import ProgressLine, check_cpus_left_for_streaming, fit, fit_batch_size
+from pipeline.ray_runtime import ProgressLine, check_cpus_left_for_streaming, fit
+from pipeline.training.first_stage import fit_batch_size
 from pipeline.tracking import MetricLogger, replay_when_back
 from pipeline.training.checkpoint import count_parameters, export_unet, load_checkpoint, save_checkpoint
 from pipeline.training.ema import EMA
@@ -118,7 +119,8 @@ def setup_model_and_optimizer(loop: LDMLoopConfig, world_size: int):
     # seconds on a fresh machine) that only its inference path uses; training all-reduces via gloo.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     torch.manual_seed(loop.seed)  # identical initial weights on every rank
-    model = UNet(UNetConfig(**loop.unet)).to(ray.train.torch.get_device())
+    # ZeRO-3 makes a parameter whole only inside its own module's call: no fused paths.
+    model = UNet(UNetConfig(**loop.unet)).use_fused_paths(loop.zero_stage != 3).to(ray.train.torch.get_device())
     optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
     warmup = max(1, loop.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))

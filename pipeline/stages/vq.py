@@ -8,7 +8,7 @@ and `recon.png`, a held-out reconstruction grid. Metrics: held-out `psnr` and `c
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -18,60 +18,39 @@ from pipeline.config import PipelineConfig, check_image_size
 from pipeline.data.images import images_to_tensor
 from pipeline.data.reader import read_captioned_images
 from pipeline.models.vq import VQModel, VQModelConfig
-from pipeline.ray_runtime import (ProgressLine, batches_until, fit_small_model, report_final_model, run_task,
-                                  task_resources, warmup_cosine)
-from pipeline.tracking import MetricLogger
+from pipeline.ray_runtime import run_task, task_resources
+from pipeline.training.first_stage import FirstStageFit, fit_small_model
 
 # Enough held-out and training images for stable metrics and latent statistics, bounded in memory.
 MAX_EVAL_IMAGES = 1000
 
 
 def model_config(cfg: PipelineConfig) -> VQModelConfig:
-    v = cfg.vq
-    return VQModelConfig(
-        hidden_channels=v.hidden_channels,
-        latent_channels=v.latent_channels,
-        downsample=v.downsample,
-        codebook_size=v.codebook_size,
-        commitment_weight=v.commitment_weight,
-    )
+    """The VQ architecture of `cfg.vq`: its fields that VQModelConfig has, by name (the rest of
+    VQModelConfig keeps the library's defaults)."""
+    return VQModelConfig(**{f.name: getattr(cfg.vq, f.name) for f in fields(VQModelConfig) if hasattr(cfg.vq, f.name)})
 
 
-def vq_train_loop(config: dict) -> None:
-    """Ray Train worker loop: reconstruction + commitment loss on the 'train' dataset shard."""
-    import ray.train
-    import ray.train.torch
+class VQFit(FirstStageFit):
+    """Reconstruction + commitment loss on the shard's images."""
 
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    torch.set_num_threads(config["threads"])
-    torch.manual_seed(config["seed"] + rank)
-    model = VQModel(VQModelConfig(**config["model"]))
-    model = ray.train.torch.prepare_model(model)
-    core = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"])
-    scheduler = warmup_cosine(optimizer, config["warmup_steps"], config["max_steps"])
-    shard = ray.train.get_dataset_shard("train")
-    logger = MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 and config["run_id"] else None
-    progress = ProgressLine("vq", config["max_steps"])
-    step = 0
-    for step, batch in batches_until(shard, config["batch_size"], config["max_steps"]):
-        images = images_to_tensor(batch["image"]).to(ray.train.torch.get_device())
-        recon, _, commit_loss = model(images)
+    name = "vq"
+
+    def __init__(self, model_config: dict, rank: int, world_size: int, device: torch.device):
+        import ray.train.torch
+
+        self.core = VQModel(VQModelConfig(**model_config))
+        self.model = ray.train.torch.prepare_model(self.core)
+        self.device = device
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float], int]:
+        images = images_to_tensor(batch["image"]).to(self.device)
+        recon, _, commit_loss = self.model(images)
         recon_loss = F.mse_loss(recon, images)
-        loss = recon_loss + commit_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if rank == 0:
-            shown = progress.update(step, len(images), loss=loss.item(), recon=recon_loss.item())
-            if logger:
-                logger.log({"loss": loss.item(), "recon_loss": recon_loss.item(), "lr": scheduler.get_last_lr()[0], **shown},
-                           step)
-    if logger:
-        logger.close()
-    report_final_model(core.save, step)
+        return recon_loss + commit_loss, {"recon_loss": recon_loss.item()}, len(images)
+
+    def save(self, directory: str) -> None:
+        self.core.save(directory)
 
 
 def image_batches(ds, chunk: int, device: torch.device):
@@ -162,8 +141,7 @@ def run_vq(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | 
     if not cfg.vq.pretrained:
         # Materialised here (not only inside the fit) so the latent scale below reads no shard again.
         train_ds = train_ds.limit(cfg.vq.max_train_images).materialize()
-        fit_small_model(vq_train_loop, {"model": asdict(model_config(cfg))}, cfg.vq, seed=cfg.seed,
-                        tracking_uri=cfg.tracking_uri, run_id=run_id, train_ds=train_ds, out_dir=out_dir,
-                        workdir=cfg.workdir, name="vq")
+        fit_small_model(VQFit, asdict(model_config(cfg)), cfg.vq, seed=cfg.seed, tracking_uri=cfg.tracking_uri,
+                        run_id=run_id, train_ds=train_ds, out_dir=out_dir, workdir=cfg.workdir)
     return run_task(finish_vq, str(source), str(out_dir), train_ds.limit(MAX_EVAL_IMAGES).materialize(), heldout,
                     cfg.vq.eval_batch_size, **task_resources(cfg.vq))
