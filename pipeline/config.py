@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.diffusion import ScheduleConfig
+from pipeline.models.vq import VQArchitecture
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -73,17 +74,13 @@ class MLflowConfig:
 
 
 @dataclass
-class VQConfig:
+class VQConfig(VQArchitecture):
+    """The vq stage: the architecture (`VQArchitecture`'s fields, smaller here), then its training."""
+
+    hidden_channels: int = 32
     pretrained: str = ""
     """A VQ model directory (model.json + safetensors) or a registered VQ's URI
     (models:/<name>-vq/<version>) to load instead of training one."""
-    downsample: int = 4
-    """Spatial downsampling factor of the encoder: 4 or 8."""
-    hidden_channels: int = 32
-    latent_channels: int = 4
-    codebook_size: int = 256
-    commitment_weight: float = 0.25
-    """Weight of the commitment loss (van den Oord et al. 2017 use 0.25)."""
     max_steps: int = 1600
     """On the demo (offline, batch 32, cosine): held-out PSNR 23.6 dB after 400 steps, 29.6 after
     1200, 30.9 after 1600; at 400 the decoded colours are visibly off, and so are the samples'."""
@@ -103,6 +100,7 @@ class VQConfig:
     def __post_init__(self):
         if self.downsample not in (4, 8):
             raise ConfigError(f"vq.downsample must be 4 or 8, got {self.downsample}")
+        super().__post_init__()
         _positive("vq", max_steps=self.max_steps, batch_size=self.batch_size, num_workers=self.num_workers,
                   eval_batch_size=self.eval_batch_size)
         if self.warmup_steps < 0:

@@ -131,17 +131,12 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args(argv)
 
-    import torch
-
     from pipeline.config import load_config
     from pipeline.data.locate import resolve_shards
     from pipeline.data.shards import write_demo_shards
-    from pipeline.models.text import build_text_encoder
-    from pipeline.models.vq import VQModel
     from pipeline.ray_runtime import init_ray
-    from pipeline.stages.clip import encoder_spec
     from pipeline.stages.encode import run_encode
-    from pipeline.stages.vq import model_config
+    from pipeline.tiny_models import save_untrained_encoders
 
     root = Path(tempfile.mkdtemp(prefix="bench-encode-"))
     try:
@@ -152,10 +147,7 @@ def main(argv: list[str]) -> dict:
         else:
             shards = write_demo_shards(root / "shards", args.samples, cfg.data.image_size, seed=0,
                                        shard_size=args.shard_size)
-        torch.manual_seed(0)
-        vq_dir, clip_dir = root / "vq", root / "clip"
-        VQModel(model_config(cfg)).save(vq_dir, latent_scale=1.0)
-        build_text_encoder(encoder_spec(cfg)).save(clip_dir)
+        vq_dir, clip_dir = save_untrained_encoders(cfg, root)
         init_ray(cfg.ray_address)
         import ray
 

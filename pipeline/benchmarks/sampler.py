@@ -24,6 +24,7 @@ from pipeline.conditioning import Conditioning
 from pipeline.diffusion import SCHEDULE_PRESETS, NoiseSchedule
 from pipeline.models.unet import UNet, build_unet
 from pipeline.sampling import guided, sample_ddim
+from pipeline.tiny_models import perturbed
 
 # The demo's shapes: 4x8x8 latents (32px images, VQ downsample 4) and CLIP tokens 16 x 128.
 LATENT_SHAPE = (4, 8, 8)
@@ -43,11 +44,7 @@ def perturbed_unet(seed: int = 0, **overrides) -> UNet:
     """The tiny UNet at the demo's context width, every weight perturbed, in eval mode."""
     torch.manual_seed(seed)
     unet = build_unet("tiny", context_dim=CONTEXT_DIM, pooled_dim=0, **overrides)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(WEIGHT_PERTURBATION * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return unet.eval()
+    return perturbed(unet, WEIGHT_PERTURBATION, seed).eval()
 
 
 def text_conditions(batch: int, length: int = CONTEXT_LENGTH, dim: int = CONTEXT_DIM, seed: int = 0):

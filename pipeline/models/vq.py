@@ -11,32 +11,47 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
-from vector_quantize_pytorch import VectorQuantize
 
 
 @dataclass
-class VQModelConfig:
-    in_channels: int = 3
+class VQArchitecture:
+    """The architecture fields a user chooses: the vq stage's config (`pipeline.config.VQConfig`)
+    and a saved model's `VQModelConfig` both are one, so each field is declared here only."""
+
     hidden_channels: int = 64
     latent_channels: int = 4
     downsample: int = 4
+    """Spatial downsampling factor of the encoder: 4 or 8."""
     codebook_size: int = 256
     commitment_weight: float = 0.25
+    """Weight of the commitment loss (van den Oord et al. 2017 use 0.25)."""
+
+    def __post_init__(self):
+        if self.downsample not in (4, 8):
+            raise ValueError(f"downsample must be 4 or 8, got {self.downsample}")
+
+
+@dataclass
+class VQModelConfig(VQArchitecture):
+    """Everything `VQModel` is built from (saved in model.json)."""
+
+    in_channels: int = 3
     codebook_decay: float = 0.95
     """EMA decay of the codebook; lower than the usual 0.99 since our runs are short."""
     dead_code_threshold: float = 2.0
     """Codes used fewer times than this (EMA count) are replaced by batch vectors."""
 
-    def __post_init__(self):
-        if self.downsample not in (4, 8):
-            raise ValueError(f"downsample must be 4 or 8, got {self.downsample}")
+    @classmethod
+    def of(cls, architecture: VQArchitecture) -> "VQModelConfig":
+        """The model config of an architecture (e.g. the vq stage's config), other fields at their defaults."""
+        return cls(**{f.name: getattr(architecture, f.name) for f in fields(VQArchitecture)})
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -73,6 +88,10 @@ class VQModel(nn.Module):
             dec += [ResBlock(h), nn.ConvTranspose2d(h, h, 4, stride=2, padding=1)]
         dec += [_norm(h), nn.SiLU(), nn.Conv2d(h, cfg.in_channels, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
+        # Imported here: `pipeline.config` imports this module for `VQArchitecture`, and the
+        # quantizer's library takes seconds to import.
+        from vector_quantize_pytorch import VectorQuantize
+
         self.quantizer = VectorQuantize(
             dim=cfg.latent_channels,
             codebook_size=cfg.codebook_size,

@@ -8,7 +8,7 @@ and `recon.png`, a held-out reconstruction grid. Metrics: held-out `psnr` and `c
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,9 +26,7 @@ MAX_EVAL_IMAGES = 1000
 
 
 def model_config(cfg: PipelineConfig) -> VQModelConfig:
-    """The VQ architecture of `cfg.vq`: its fields that VQModelConfig has, by name (the rest of
-    VQModelConfig keeps the library's defaults)."""
-    return VQModelConfig(**{f.name: getattr(cfg.vq, f.name) for f in fields(VQModelConfig) if hasattr(cfg.vq, f.name)})
+    return VQModelConfig.of(cfg.vq)
 
 
 class VQFit(FirstStageFit):

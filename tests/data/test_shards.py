@@ -18,7 +18,7 @@ from pipeline.data.demo import demo_sample
 from pipeline.data.locate import resolve_shards
 from pipeline.data.shards import folder_to_shards, write_demo_shards, write_shards
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -18,28 +18,18 @@ from pipeline.conditioning import Conditioning
 from pipeline.diffusion import SCHEDULE_PRESETS, NoiseSchedule
 from pipeline.models.unet import SUBPIXEL_MIN_SIDE, UNet, UNetConfig, Upsample, build_unet
 
+from pipeline.tiny_models import SMALL_UNET as SMALL
+from pipeline.tiny_models import perturbed as randomized
+from pipeline.tiny_models import random_conditioning
+
 F64 = torch.float64
-SMALL = dict(base_channels=16, channel_mult=[1, 2], attention_levels=[1], num_heads=2, norm_groups=4, context_dim=8)
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Perturb every weight: zero-initialised branches would make outputs (and most gradients) 0."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
-
-
-def captions(lengths: list[int], length: int = 6, dim: int = 8, pooled_dim: int = 0, seed: int = 0) -> Conditioning:
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
-    batch = len(lengths)
-    return Conditioning(torch.randn(batch, length, dim, generator=gen, dtype=F64), mask,
-                        torch.randn(batch, pooled_dim, generator=gen, dtype=F64))
+def captions(lengths: list[int], **kwargs) -> Conditioning:
+    return random_conditioning(lengths, dtype=F64, **kwargs)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "medium"])

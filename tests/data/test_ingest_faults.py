@@ -14,7 +14,6 @@ import struct
 import tarfile
 import zlib
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -292,22 +291,6 @@ def test_max_image_pixels_is_a_config_key():
 # --- the real encode stage (Ray Data), every fault in one run ---------------------------------------
 
 
-def _tiny_encoders(cfg, root: Path) -> tuple[Path, Path]:
-    """Untrained VQ and tiny CLIP text encoder from the config, saved as the stages would."""
-    import torch
-
-    from pipeline.models.text import build_text_encoder
-    from pipeline.models.vq import VQModel
-    from pipeline.stages.clip import encoder_spec
-    from pipeline.stages.vq import model_config
-
-    torch.manual_seed(0)
-    vq_dir, clip_dir = root / "vq", root / "clip"
-    VQModel(model_config(cfg)).save(vq_dir, latent_scale=1.0)
-    build_text_encoder(encoder_spec(cfg)).save(clip_dir)
-    return vq_dir, clip_dir
-
-
 @pytest.mark.slow
 def test_encode_stage_counts_every_fault_exactly(ray_session, tmp_path):
     import pyarrow.parquet as pq
@@ -315,6 +298,7 @@ def test_encode_stage_counts_every_fault_exactly(ray_session, tmp_path):
     from pipeline.config import load_config
     from pipeline.data.locate import resolve_shards
     from pipeline.stages.encode import run_encode
+    from pipeline.tiny_models import save_untrained_encoders
 
     cfg = load_config(None, [f"workdir={tmp_path / 'work'}", f"data.image_size={IMAGE_SIZE}",
                              "vq.hidden_channels=8", "clip.width=32", "clip.layers=1", "clip.context_length=8",
@@ -330,7 +314,7 @@ def test_encode_stage_counts_every_fault_exactly(ray_session, tmp_path):
         good |= keys
     (shard_dir / "00003.tar").write_bytes(b"")
     shards = resolve_shards(str(shard_dir))
-    vq_dir, clip_dir = _tiny_encoders(cfg, tmp_path)
+    vq_dir, clip_dir = save_untrained_encoders(cfg, tmp_path)
     out = tmp_path / "encode"
     out.mkdir()
     metrics = run_encode(cfg, shards, vq_dir, clip_dir, out)

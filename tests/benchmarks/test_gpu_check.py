@@ -5,7 +5,7 @@ import json
 import runpy
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_check_dry_run_reports_the_gpu_paths_and_a_step(capsys):

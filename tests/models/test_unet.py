@@ -8,33 +8,19 @@ import torch
 from pipeline.conditioning import Conditioning
 from pipeline.diffusion import NoiseSchedule, ScheduleConfig, training_loss
 from pipeline.models.unet import UNET_PRESETS, UNet, UNetConfig, build_unet, unet_config
+from pipeline.tiny_models import SMALL_UNET as SMALL
+from pipeline.tiny_models import perturbed as randomized
+from pipeline.tiny_models import random_conditioning
 
 F64 = torch.float64
-# A UNet small enough to train on CPU in seconds: two levels, attention at the lower one.
-SMALL = dict(base_channels=16, channel_mult=[1, 2], attention_levels=[1], num_heads=2, norm_groups=4, context_dim=8)
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-def randomized(model: UNet, seed: int = 0) -> UNet:
-    """Perturb every weight: zero-initialised branches would make outputs (and most gradients) 0."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
-
-
-def text(batch, real_tokens=3, length=6, context_dim=8, pooled_dim=0, seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(batch, length, dtype=torch.bool)
-    mask[:, :real_tokens] = True
-    return Conditioning(
-        torch.randn(batch, length, context_dim, generator=gen, dtype=dtype),
-        mask,
-        torch.randn(batch, pooled_dim, generator=gen, dtype=dtype),
-    )
+def text(batch, real_tokens=3, pooled_dim=0, dtype=torch.float32, **kwargs) -> Conditioning:
+    """`batch` rows of 6 tokens of width 8, `real_tokens` of them real."""
+    return random_conditioning([real_tokens] * batch, pooled_dim=pooled_dim, dtype=dtype, **kwargs)
 
 
 @pytest.mark.parametrize("height,width", [(8, 8), (16, 16), (8, 16)])
@@ -42,7 +28,7 @@ def test_tiny_preset_keeps_the_latent_shape(height, width):
     model = build_unet("tiny", context_dim=16)
     x = torch.randn(2, 4, height, width)
     with torch.no_grad():
-        out = model(x, torch.tensor([0, 999]), text(2, context_dim=16))
+        out = model(x, torch.tensor([0, 999]), text(2, dim=16))
     assert out.shape == x.shape
 
 
@@ -54,7 +40,7 @@ def test_tiny_preset_is_cpu_sized():
 def test_latent_sides_must_be_multiples_of_the_downsampling():
     model = build_unet("tiny", channel_mult=[1, 2, 2])  # 3 levels: sides must be multiples of 4
     with pytest.raises(ValueError, match="multiple of 4"):
-        model(torch.randn(1, 4, 6, 6), torch.tensor([1]), text(1, context_dim=64))
+        model(torch.randn(1, 4, 6, 6), torch.tensor([1]), text(1, dim=64))
 
 
 def test_padding_mask_masks():
