@@ -5,7 +5,8 @@ Shaped like Ray's DeepSpeed example: `setup_model_and_optimizer`, `next_batch`, 
 together on each worker. Every worker reads the latents from the shared storage in one global order
 (`pipeline.training.latents`), so nothing it needs dies with a node and a resumed run trains on the
 same samples. Rank 0 logs per-step metrics to the stage's MLflow run, keeps the EMA of the weights
-and tells the driver's progress board each step; the driver stops a run whose steps stop
+(under ZeRO-3 each rank keeps its partitions' EMA, `pipeline.training.ema`) and tells the driver's
+progress board each step; the driver stops a run whose steps stop
 (`ldm.stall_timeout_s`) with an error naming what Ray waits for. Checkpoints are reported to Ray
 Train, which keeps the last few and resumes from the latest after a worker or node failure. The
 stage's output is the EMA UNet (`unet.json` + `unet.safetensors`).
@@ -174,7 +175,7 @@ class Trainer:
         from pipeline.stages.encode import load_null_condition
 
         self.null = load_null_condition(Path(loop.latents_dir)).to(self.device, torch.float32)
-        self.ema = EMA(self.engine, loop.ema_decay, keep=self.rank == 0, zero3=loop.zero_stage == 3)
+        self.ema = EMA(self.engine, loop.ema_decay, rank=self.rank, zero3=loop.zero_stage == 3)
         self.generator = torch.Generator().manual_seed(loop.seed * 1000 + self.rank)
         self.state = TrainState()
         self.batches = (StreamBatches if loop.stream else TableBatches)(loop, self.rank, self.world, self.device)
@@ -250,8 +251,10 @@ class Trainer:
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(self.engine, self.ema, asdict(self.state) | {"world_size": self.world}, self.generator,
                             self.rank, tmp)
-            if final and self.ema.keep:
-                export_unet(self.loop.unet, self.ema.cpu_weights(), tmp)
+            if final:
+                weights = self.ema.full_weights()  # a collective under ZeRO-3: every rank
+                if self.ema.keep:
+                    export_unet(self.loop.unet, weights, tmp)
             ray.train.report({"step": self.state.step, "loss": metrics["loss"],
                               "nonfinite_steps": self.state.nonfinite_steps},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -276,6 +279,8 @@ def ldm_train_loop(config: dict) -> None:
         logger = MetricLogger(loop.tracking_uri, loop.run_id, fallback_path=loop.unlogged_path, system_metrics=True)
         logger.resume_after(trainer.state.step, STEP_METRICS)
     grids = SampleGrids(loop, logger, trainer.device) if logger and loop.grid else None
+    # Decided alike on every rank: reading the EMA is a collective under ZeRO-3.
+    grid_steps = bool(loop.grid and loop.run_id)
     progress = ProgressLine("ldm", loop.max_steps, every=loop.log_every, start_step=trainer.state.step)
     try:
         while trainer.state.step < loop.max_steps:
@@ -287,13 +292,17 @@ def ldm_train_loop(config: dict) -> None:
                 shown = progress.update(step, loop.global_batch(trainer.world), loss=metrics["loss"], lr=metrics["lr"])
                 if logger:
                     logger.log({**metrics, **shown}, step)
-                if grids and loop.sample_every and step % loop.sample_every == 0 and step < loop.max_steps:
-                    grids.log(trainer.ema.cpu_weights(), step)
+            if grid_steps and loop.sample_every and step % loop.sample_every == 0 and step < loop.max_steps:
+                weights = trainer.ema.full_weights()
+                if grids:
+                    grids.log(weights, step)
             final = step >= loop.max_steps
             if step % loop.checkpoint_every == 0 or final:
                 trainer.report_metrics_and_save_checkpoint(metrics, logger, final)
-        if grids:
-            grids.log(trainer.ema.cpu_weights(), trainer.state.step)
+        if grid_steps:
+            weights = trainer.ema.full_weights()
+            if grids:
+                grids.log(weights, trainer.state.step)
     finally:
         if logger:
             logger.close()

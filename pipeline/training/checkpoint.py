@@ -1,7 +1,8 @@
 """The ldm stage's checkpoints and its exported UNet.
 
 A checkpoint directory holds DeepSpeed's state from every rank (weights, optimizer, LR schedule),
-each rank's RNG state, and on rank 0 the EMA weights and `progress.json` (the step, counters). The
+each rank's RNG state, and on rank 0 the whole EMA (of any world size's partitions: every world
+size can load it) and `progress.json` (the step, counters). The
 position in the data is the step: the global order (`pipeline.training.latents`) says what comes next.
 The exported UNet is the served artefact: its constructor arguments and the EMA weights, no pickles.
 """
@@ -22,11 +23,13 @@ EMA_FILE = "ema.safetensors"
 
 
 def save_checkpoint(engine, ema: EMA, progress: dict, generator: torch.Generator, rank: int, directory: str) -> None:
-    """DeepSpeed state and this rank's RNG state on every rank; EMA weights and progress on rank 0."""
+    """DeepSpeed state and this rank's RNG state on every rank; the EMA and progress on rank 0.
+    Every rank calls it (DeepSpeed's save and, under ZeRO-3, the EMA's gather are collectives)."""
     engine.save_checkpoint(directory, tag="deepspeed")
     save_file({"state": generator.get_state()}, os.path.join(directory, f"rng_rank{rank}.safetensors"))
+    weights = ema.full_weights()
     if ema.keep:
-        save_file(ema.cpu_weights(), os.path.join(directory, EMA_FILE))
+        save_file(weights, os.path.join(directory, EMA_FILE))
         with open(os.path.join(directory, PROGRESS_FILE), "w") as f:
             json.dump(progress, f)
 
@@ -34,9 +37,8 @@ def save_checkpoint(engine, ema: EMA, progress: dict, generator: torch.Generator
 def load_checkpoint(engine, ema: EMA, generator: torch.Generator, rank: int, directory: str) -> dict:
     """Restore DeepSpeed, EMA and RNG state; returns the progress record."""
     engine.load_checkpoint(directory, tag="deepspeed")
-    if ema.keep:
-        device = next(iter(ema.shadow.values())).device if ema.shadow else "cpu"
-        ema.shadow = {k: v.to(device) for k, v in load_file(os.path.join(directory, EMA_FILE)).items()}
+    if ema.shadow:  # rank 0, or under ZeRO-3 every rank (its partitions)
+        ema.load_full(load_file(os.path.join(directory, EMA_FILE)))
     rng = os.path.join(directory, f"rng_rank{rank}.safetensors")
     if os.path.isfile(rng):
         generator.set_state(load_file(rng)["state"])
