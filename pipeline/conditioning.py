@@ -61,9 +61,11 @@ class Conditioning:
 
 
 def drop_to_null(
-    cond: Conditioning, null: Conditioning, p_uncond: float, generator: torch.Generator | None = None
+    cond: Conditioning, null: Conditioning, p_uncond: float, generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> Conditioning:
-    """Replace each sample's condition by `null` (batch 1) with probability `p_uncond`.
+    """Replace each sample's condition by `null` (batch 1) with probability `p_uncond`: where a
+    Uniform(0, 1) draw per sample (`uniform` (B,), else drawn from `generator`) is below it.
 
     This is the conditioning dropout of classifier-free guidance (Ho & Salimans 2022): the model
     learns the unconditional score on the same weights, so guidance needs no second model.
@@ -71,7 +73,9 @@ def drop_to_null(
     if p_uncond <= 0:
         return cond
     batch = len(cond)
-    drop = torch.rand(batch, generator=generator, device="cpu").to(cond.tokens.device) < p_uncond
+    if uniform is None:
+        uniform = torch.rand(batch, generator=generator, device="cpu")
+    drop = uniform.to(cond.tokens.device) < p_uncond
     null = null.to(cond.tokens.device, cond.tokens.dtype).expand(batch)
     keep_tokens = (~drop)[:, None, None]
     return Conditioning(

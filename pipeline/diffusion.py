@@ -221,18 +221,24 @@ def training_loss(
     cond: Conditioning,
     *,
     generator: torch.Generator | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The seed's simple loss E ||target - model(z_t, t, c)||^2, as a scalar.
 
     Draws t ~ Uniform{0..N-1} (the seed's n ~ Uniform{1..N}) and noise per sample from `generator`
-    (on its device; the default generator on the CPU when None), noises x0 to z_t and regresses the
-    model output onto the noise (or v). Conditioning dropout is the caller's job (`drop_to_null`),
-    so the loss sees whichever condition it is given.
+    (on its device; the default generator on the CPU when None), unless given as `t` (B,) and
+    `noise` (shaped like x0), noises x0 to z_t and regresses the model output onto the noise (or
+    v). Conditioning dropout is the caller's job (`drop_to_null`), so the loss sees whichever
+    condition it is given.
     """
     batch = x0.shape[0]
     rng_device = generator.device if generator is not None else torch.device("cpu")
-    t = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=generator, device=rng_device)
-    noise = torch.randn(x0.shape, generator=generator, device=rng_device, dtype=x0.dtype).to(x0.device)
+    if t is None:
+        t = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=generator, device=rng_device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=rng_device, dtype=x0.dtype)
+    noise = noise.to(device=x0.device, dtype=x0.dtype)
     t = t.to(x0.device)
     z_t = schedule.q_sample(x0, t, noise)
     output = model_fn(z_t, t, cond)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import mlflow
+from omegaconf import OmegaConf
 
 from pipeline.config import PipelineConfig, to_flat_dict, to_yaml
 from pipeline.data.locate import resolve_shards, shard_fingerprints
@@ -43,6 +44,12 @@ class Stage:
     """Later stages key on this stage's output bytes, not its key: a pretrained model file given by
     path may change in place."""
     only_if: Callable[[PipelineConfig], bool] = lambda cfg: True
+    layout: tuple[str, ...] = ()
+    """Fields under `reads` that say how the work is laid out (workers, micro batches, retries), not
+    what it computes: they are not in the key, so a run can resume under another layout; what they
+    decide together that does change the result is, as a `derived` value."""
+    derived: tuple[tuple[str, Callable[[PipelineConfig], object]], ...] = ()
+    """(name, function of the config) pairs whose values are in the key."""
 
 
 # Config the results do not depend on (where things run, how they are tracked and served), and why.
@@ -95,6 +102,14 @@ def _samples(w: Workflow, out: Path, run_id: str) -> dict:
     return run_samples(w.cfg, w.registered("ldm")["model_uri"], w.prompts, out)
 
 
+LDM_LAYOUT = ("ldm.num_workers", "ldm.batch_size", "ldm.grad_accum", "ldm.cpus_per_worker", "ldm.use_gpu",
+              "ldm.max_failures", "ldm.stall_timeout_s", "ldm.log_every")
+
+
+def global_batch(ldm) -> int:
+    return ldm.batch_size * ldm.num_workers * ldm.grad_accum
+
+
 STAGES = (
     Stage("shards", ("data.demo_num_samples", "data.image_size", "data.demo_shard_size", "seed"), (), _demo_shards,
           only_if=lambda cfg: not cfg.data.shards),
@@ -102,7 +117,10 @@ STAGES = (
     Stage("clip", ("clip", "data", "seed"), ("shards",), _clip, by_content=True),
     Stage("encode", ("encode", "data"), ("shards", "vq", "clip"), _encode),
     # The samples stage's sampling settings are baked into the package as its defaults.
-    Stage("ldm", ("ldm", "seed", "samples.guidance_scale", "samples.steps", "samples.sampler"), ("encode",), _ldm),
+    # The world size and the micro batch are layout: a failed run resumes on more or fewer workers
+    # (ZeRO-0), with the same global batch and so the same samples in the same order.
+    Stage("ldm", ("ldm", "seed", "samples.guidance_scale", "samples.steps", "samples.sampler"), ("encode",), _ldm,
+          layout=LDM_LAYOUT, derived=(("ldm.global_batch", lambda cfg: global_batch(cfg.ldm)),)),
     Stage("samples", ("samples",), ("ldm", "prompts"), _samples),
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
@@ -116,11 +134,19 @@ def config_value(cfg: PipelineConfig, path: str):
 
 
 def config_key(cfg: PipelineConfig, stage: Stage) -> str:
-    """The part of a stage's key that comes from the config it reads."""
+    """The part of a stage's key that comes from the config it reads (less its layout fields, plus
+    its derived values)."""
     parts = []
     for path in stage.reads:
         value = config_value(cfg, path)
-        parts.append(f"{path}: {to_yaml(value) if is_dataclass(value) else json.dumps(value)}")
+        if is_dataclass(value):
+            left_out = {f[len(path) + 1:] for f in stage.layout if f.startswith(path + ".")}
+            value = to_yaml(value) if not left_out else to_yaml(
+                {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(value)).items() if k not in left_out})
+        else:
+            value = json.dumps(value)
+        parts.append(f"{path}: {value}")
+    parts += [f"{name}: {json.dumps(fn(cfg))}" for name, fn in stage.derived]
     return content_key(*parts)
 
 

@@ -33,11 +33,11 @@ from pipeline.models.unet import UNet, UNetConfig, unet_config
 from pipeline.ray_runtime import ProgressLine, check_cpus_left_for_streaming, fit
 from pipeline.training.first_stage import fit_batch_size
 from pipeline.tracking import MetricLogger, replay_when_back
-from pipeline.training.checkpoint import count_parameters, export_unet, load_checkpoint, save_checkpoint
+from pipeline.training.checkpoint import count_parameters, export_unet, load_checkpoint, read_progress, save_checkpoint
 from pipeline.training.ema import EMA
 from pipeline.training.faults import FaultInjection
 from pipeline.training.grids import GridConfig, SampleGrids
-from pipeline.training.latents import LATENT_COLUMNS, StreamBatches, TableBatches
+from pipeline.training.latents import LATENT_COLUMNS, SampleRandomness, StreamBatches, TableBatches, positions
 from pipeline.training.progress import StallWatchdog, StepReporter, progress_board
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,6 +92,8 @@ class TrainState:
 
     step: int = 0
     nonfinite_steps: int = 0
+    world_sizes: list[int] = field(default_factory=list)
+    """The world sizes this run has trained at, in the order they came (any resume may change it)."""
 
 
 def deepspeed_config(loop: LDMLoopConfig, world_size: int) -> dict:
@@ -176,7 +178,6 @@ class Trainer:
 
         self.null = load_null_condition(Path(loop.latents_dir)).to(self.device, torch.float32)
         self.ema = EMA(self.engine, loop.ema_decay, rank=self.rank, zero3=loop.zero_stage == 3)
-        self.generator = torch.Generator().manual_seed(loop.seed * 1000 + self.rank)
         self.state = TrainState()
         self.batches = (StreamBatches if loop.stream else TableBatches)(loop, self.rank, self.world, self.device)
 
@@ -191,9 +192,11 @@ class Trainer:
         while True:
             (x0, cond), wait = next_batch(self.batches, step, micro)
             waited += wait
-            cond = drop_to_null(cond, self.null, loop.p_uncond, self.generator)
-            loss = loop.faults.loss(training_loss(self.model_fn, self.schedule, x0, cond, generator=self.generator),
-                                    self.rank, step + 1)
+            drawn = SampleRandomness.draw(loop.seed, step, tries, positions(micro, self.rank, self.world, len(x0)),
+                                          x0.shape[1:], self.schedule.num_train_timesteps, self.device)
+            cond = drop_to_null(cond, self.null, loop.p_uncond, uniform=drawn.uniform)
+            loss = training_loss(self.model_fn, self.schedule, x0, cond, t=drawn.t, noise=drawn.noise)
+            loss = loop.faults.loss(loss, self.rank, step + 1)
             finite = bool(torch.isfinite(loss))
             total, bad = _all_ranks([loss.item() if finite else 0.0, 0.0 if finite else 1.0], self.device)
             if bad == 0:
@@ -237,8 +240,17 @@ class Trainer:
         if not checkpoint:
             return False
         with checkpoint.as_directory() as directory:
-            progress = load_checkpoint(self.engine, self.ema, self.generator, self.rank, directory)
-        self.state = TrainState(step=progress["step"], nonfinite_steps=progress.get("nonfinite_steps", 0))
+            progress = read_progress(directory)
+            was = progress.get("world_size", self.world)
+            if was != self.world and self.loop.zero_stage > 0:
+                raise RuntimeError(
+                    f"ldm: the checkpoint at step {progress['step']} was written by {was} workers with "
+                    f"ldm.zero_stage={self.loop.zero_stage}, whose optimizer state is split by rank; resume it "
+                    f"with ldm.num_workers={was} (ZeRO-0 checkpoints resume at any world size). The checkpoint "
+                    f"is kept.")
+            load_checkpoint(self.engine, self.ema, directory)
+        self.state = TrainState(step=progress["step"], nonfinite_steps=progress.get("nonfinite_steps", 0),
+                                world_sizes=progress.get("world_sizes", [was]))
         return True
 
     def report_metrics_and_save_checkpoint(self, metrics: dict, logger: MetricLogger | None, final: bool) -> None:
@@ -249,8 +261,7 @@ class Trainer:
         if logger:
             logger.commit()
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(self.engine, self.ema, asdict(self.state) | {"world_size": self.world}, self.generator,
-                            self.rank, tmp)
+            save_checkpoint(self.engine, self.ema, asdict(self.state) | {"world_size": self.world}, self.rank, tmp)
             if final:
                 weights = self.ema.full_weights()  # a collective under ZeRO-3: every rank
                 if self.ema.keep:
@@ -269,9 +280,12 @@ def ldm_train_loop(config: dict) -> None:
     loop: LDMLoopConfig = config["loop"]
     trainer = Trainer(loop)
     resumed = trainer.load_checkpoint()
+    if trainer.state.world_sizes[-1:] != [trainer.world]:
+        trainer.state.world_sizes.append(trainer.world)
     rank0 = trainer.rank == 0
     if rank0 and resumed:
-        print(f"[ldm] resumed from step {trainer.state.step} on {trainer.world} worker(s)", flush=True)
+        print(f"[ldm] resumed from step {trainer.state.step} on {trainer.world} worker(s) "
+              f"(world sizes so far: {trainer.state.world_sizes})", flush=True)
     reporter = StepReporter(loop.progress if rank0 else None)
     reporter.started(trainer.world, trainer.state.step)
     logger = None
@@ -398,5 +412,5 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
             "global_batch": global_batch,
             "nonfinite_steps": int(progress.get("nonfinite_steps", 0)),
             "worker_group_restarts": max(0, len(starts) - 1),
-            "world_sizes": sorted({s["world_size"] for s in starts}),
+            "world_sizes": progress.get("world_sizes") or sorted({s["world_size"] for s in starts}),
             "params": count_parameters(out_dir / "unet.safetensors")}

@@ -1,9 +1,10 @@
 """The ldm stage's checkpoints and its exported UNet.
 
 A checkpoint directory holds DeepSpeed's state from every rank (weights, optimizer, LR schedule),
-each rank's RNG state, and on rank 0 the whole EMA (of any world size's partitions: every world
+and on rank 0 the whole EMA (of any world size's partitions: every world
 size can load it) and `progress.json` (the step, counters). The
-position in the data is the step: the global order (`pipeline.training.latents`) says what comes next.
+position in the data is the step: the global order (`pipeline.training.latents`) says what comes next,
+and each sample's randomness is a function of the step, so no generator state is kept.
 The exported UNet is the served artefact: its constructor arguments and the EMA weights, no pickles.
 """
 
@@ -13,7 +14,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.training.ema import EMA
@@ -22,11 +22,10 @@ PROGRESS_FILE = "progress.json"
 EMA_FILE = "ema.safetensors"
 
 
-def save_checkpoint(engine, ema: EMA, progress: dict, generator: torch.Generator, rank: int, directory: str) -> None:
-    """DeepSpeed state and this rank's RNG state on every rank; the EMA and progress on rank 0.
-    Every rank calls it (DeepSpeed's save and, under ZeRO-3, the EMA's gather are collectives)."""
+def save_checkpoint(engine, ema: EMA, progress: dict, rank: int, directory: str) -> None:
+    """DeepSpeed state on every rank; the EMA and progress on rank 0. Every rank calls it
+    (DeepSpeed's save and, under ZeRO-3, the EMA's gather are collectives)."""
     engine.save_checkpoint(directory, tag="deepspeed")
-    save_file({"state": generator.get_state()}, os.path.join(directory, f"rng_rank{rank}.safetensors"))
     weights = ema.full_weights()
     if ema.keep:
         save_file(weights, os.path.join(directory, EMA_FILE))
@@ -34,14 +33,15 @@ def save_checkpoint(engine, ema: EMA, progress: dict, generator: torch.Generator
             json.dump(progress, f)
 
 
-def load_checkpoint(engine, ema: EMA, generator: torch.Generator, rank: int, directory: str) -> dict:
-    """Restore DeepSpeed, EMA and RNG state; returns the progress record."""
+def load_checkpoint(engine, ema: EMA, directory: str) -> None:
+    """Restore DeepSpeed's state and the EMA (at this run's world size, whichever wrote them)."""
     engine.load_checkpoint(directory, tag="deepspeed")
     if ema.shadow:  # rank 0, or under ZeRO-3 every rank (its partitions)
         ema.load_full(load_file(os.path.join(directory, EMA_FILE)))
-    rng = os.path.join(directory, f"rng_rank{rank}.safetensors")
-    if os.path.isfile(rng):
-        generator.set_state(load_file(rng)["state"])
+
+
+def read_progress(directory: str) -> dict:
+    """The progress record of a checkpoint: step, counters, the world sizes it was trained at."""
     with open(os.path.join(directory, PROGRESS_FILE)) as f:
         return json.load(f)
 

@@ -10,7 +10,9 @@ Order: global step s (counting from 0) trains on global batch s, the rows
 `permutation(epoch)[j * G:(j + 1) * G]` with `epoch = s // steps_per_epoch`, `j = s % steps_per_epoch`
 and G the global batch (micro batch x workers x gradient accumulation). Micro-batch m of rank r
 in that step is slice `m * world + r` of it. A resumed run, on any number of workers with the same
-global batch, trains on the same samples in the same order.
+global batch, trains on the same samples in the same order, and with the same randomness: what a
+sample gets (its conditioning dropout, timestep and noise) is drawn from a generator of its own,
+seeded by the step, its position in the global batch and the try (`SampleRandomness`).
 """
 
 from __future__ import annotations
@@ -89,11 +91,44 @@ class GlobalOrder:
 
     def micro_batch(self, step: int, micro: int, rank: int, world: int, size: int) -> np.ndarray:
         """Rank `rank`'s micro-batch `micro` (of `size` rows) of step `step`: slice micro * world + rank."""
-        k = micro * world + rank
-        if (k + 1) * size > self.global_batch:
+        where = positions(micro, rank, world, size)
+        if where.stop > self.global_batch:
             raise ValueError(f"micro-batch {micro} of rank {rank}/{world} ({size} rows) is outside the global batch "
                              f"of {self.global_batch}")
-        return self.step_rows(step)[k * size:(k + 1) * size]
+        return self.step_rows(step)[where.start:where.stop]
+
+
+@dataclass
+class SampleRandomness:
+    """What each sample of a micro-batch draws, from its own generator: a Uniform(0, 1) for the
+    conditioning dropout, then its timestep, then its noise (in that order)."""
+
+    uniform: torch.Tensor
+    """(B,)"""
+    t: torch.Tensor
+    """(B,) int64 in [0, num_timesteps)"""
+    noise: torch.Tensor
+    """(B, *latent shape)"""
+
+    @classmethod
+    def draw(cls, seed: int, step: int, attempt: int, positions: range, latent_shape, num_timesteps: int,
+             device: torch.device) -> "SampleRandomness":
+        """For the samples at `positions` of step `step`'s global batch, at try `attempt` (a
+        non-finite loss retries the step with new randomness): the same on any world size."""
+        uniform, t, noise = [], [], []
+        for position in positions:
+            state = np.random.SeedSequence([seed, step, attempt, position]).generate_state(2, np.uint32)
+            gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+            uniform.append(torch.rand(1, generator=gen))
+            t.append(torch.randint(0, num_timesteps, (1,), generator=gen))
+            noise.append(torch.randn((1, *latent_shape), generator=gen))
+        return cls(torch.cat(uniform), torch.cat(t).to(device), torch.cat(noise).to(device))
+
+
+def positions(micro: int, rank: int, world: int, size: int) -> range:
+    """The positions in its step's global batch of rank `rank`'s micro-batch `micro` (see `GlobalOrder`)."""
+    k = micro * world + rank
+    return range(k * size, (k + 1) * size)
 
 
 @functools.lru_cache(maxsize=2)  # every step of an epoch reads the same one

@@ -116,6 +116,42 @@ def test_a_failed_job_run_again_with_the_same_workdir_resumes(uninterrupted, lat
     assert all(torch.equal(unet[k], uninterrupted["unet"][k]) for k in unet)
 
 
+@pytest.mark.parametrize("first,then", [(1, 2), (2, 1)])
+def test_a_run_failed_at_one_world_size_resumes_at_another(first, then, uninterrupted, latents_dir, tmp_path,
+                                                          monkeypatch):
+    """A job that failed on `first` workers, run again on `then` with the same global batch: it
+    resumes from the last checkpoint, and from there each step's loss is the uninterrupted
+    2-worker run's (the same samples, order and noise; only float summation differs)."""
+    def layout(workers):
+        return f"ldm.num_workers={workers}", f"ldm.batch_size={BATCH * 2 // workers}"
+
+    monkeypatch.setenv("LDM_FAIL_AT_STEP", "5")
+    with pytest.raises(Exception, match="injected failure"):
+        train(tmp_path, latents_dir, "ldm-resize", *layout(first))
+    monkeypatch.delenv("LDM_FAIL_AT_STEP")
+    result, run_id, out = train(tmp_path, latents_dir, "ldm-resize", *layout(then), fresh_output=False)
+    logged = losses(f"sqlite:///{tmp_path.resolve()}/mlflow.db", run_id)
+    assert sorted(step for step, _ in logged) == list(range(CHECKPOINT_EVERY + 1, STEPS + 1))
+    for step, value in logged:
+        assert value == pytest.approx(uninterrupted["losses"][step], rel=1e-3, abs=1e-5), step
+    assert result["world_sizes"] == [first, then]
+    unet = load_file(str(out / "unet.safetensors"))
+    for name, value in unet.items():
+        torch.testing.assert_close(value, uninterrupted["unet"][name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_a_zero2_run_at_another_world_size_is_refused_with_the_checkpoint_kept(latents_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_FAIL_AT_STEP", "5")
+    with pytest.raises(Exception, match="injected failure"):
+        train(tmp_path, latents_dir, "ldm-z2-resize", "ldm.zero_stage=2")
+    monkeypatch.delenv("LDM_FAIL_AT_STEP")
+    with pytest.raises(Exception, match=r"written by 2 workers with ldm.zero_stage=2.*ldm.num_workers=2"):
+        train(tmp_path, latents_dir, "ldm-z2-resize", "ldm.zero_stage=2", "ldm.num_workers=1",
+              f"ldm.batch_size={2 * BATCH}", fresh_output=False)
+    result, _, _ = train(tmp_path, latents_dir, "ldm-z2-resize", "ldm.zero_stage=2", fresh_output=False)
+    assert result["world_sizes"] == [2]
+
+
 def test_zero3_resumes_and_its_ema_matches_zero0(uninterrupted, latents_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("LDM_FAIL_AT_STEP", "5")
     result, run_id, out = train(tmp_path, latents_dir, "ldm-z3", "ldm.zero_stage=3", "ldm.max_failures=1")
