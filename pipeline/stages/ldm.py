@@ -37,6 +37,7 @@ from pipeline.training.checkpoint import count_parameters, export_unet, load_che
 from pipeline.training.ema import EMA
 from pipeline.training.faults import FaultInjection
 from pipeline.training.grids import GridConfig, SampleGrids
+from pipeline.training.health import grad_norm, sum_over_ranks, weights_finite
 from pipeline.training.latents import LATENT_COLUMNS, SampleRandomness, StreamBatches, TableBatches, positions
 from pipeline.training.progress import StallWatchdog, StepReporter, progress_board
 
@@ -139,30 +140,6 @@ def next_batch(batches, step: int, micro: int) -> tuple[tuple[torch.Tensor, Cond
     return batch, time.perf_counter() - start
 
 
-def _all_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Sum `values` over the ranks: one small all-reduce on the engine's device (NCCL needs a GPU tensor)."""
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
-
-
-def weights_finite(engine, device: torch.device) -> bool:
-    """Whether every rank's (partition of the) weights is finite."""
-    local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
-    return _all_ranks([0.0 if local else 1.0], device)[0] == 0
-
-
-def _grad_norm(engine) -> float | None:
-    norm = engine.get_global_grad_norm()
-    if norm is not None:
-        return float(norm)
-    grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else None
-
-
 class Trainer:
     """One worker's training state and the steps on it (the pieces `ldm_train_loop` calls)."""
 
@@ -198,7 +175,7 @@ class Trainer:
             loss = training_loss(self.model_fn, self.schedule, x0, cond, t=drawn.t, noise=drawn.noise)
             loss = loop.faults.loss(loss, self.rank, step + 1)
             finite = bool(torch.isfinite(loss))
-            total, bad = _all_ranks([loss.item() if finite else 0.0, 0.0 if finite else 1.0], self.device)
+            total, bad = sum_over_ranks([loss.item() if finite else 0.0, 0.0 if finite else 1.0], self.device)
             if bad == 0:
                 return loss, total / self.world, waited
             tries += 1
@@ -222,11 +199,11 @@ class Trainer:
             waited += wait
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary() and self.loop.zero_stage == 0:
-                norm = _grad_norm(engine)
+                norm = grad_norm(engine)
             engine.step()
         self.state.step += 1
         self.ema.update(engine)
-        norm = norm if norm is not None else engine.get_global_grad_norm()
+        norm = norm if norm is not None else engine.get_globalgrad_norm()
         elapsed = time.perf_counter() - start
         metrics = {"loss": sum(losses) / len(losses), "lr": self.scheduler.get_last_lr()[0],
                    "data_wait_frac": waited / max(elapsed, 1e-9), "nonfinite_steps": self.state.nonfinite_steps}
