@@ -29,17 +29,35 @@ def registered_name(base: str, kind: str) -> str:
     return f"{base}-{kind}"
 
 
-def model_requirements() -> list[str]:
+def model_requirements(extras: tuple[str, ...] = ()) -> list[str]:
     """What a logged model declares it needs: the project's pinned dependencies (every one on a
-    package index), not the project itself, whose code travels inside the model (`code_paths`)."""
+    package index) and those of `extras`, not the project itself, whose code travels inside the
+    model (`code_paths`)."""
     from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
 
     try:
         declared = requires("ldm-pipeline") or []
     except PackageNotFoundError:
         raise RuntimeError("the ldm-pipeline package is not installed (pip install -e .): its pinned dependencies "
                            "are what a logged model declares") from None
-    return [requirement for requirement in declared if "extra ==" not in requirement]
+    kept = []
+    for line in declared:
+        requirement = Requirement(line)
+        if requirement.marker is None or any(requirement.marker.evaluate({"extra": e}) for e in extras):
+            requirement.marker = None
+            kept.append(str(requirement))
+    return kept
+
+
+def extras_for(artifacts: dict[str, str]) -> tuple[str, ...]:
+    """The project extras a model's files need: `diffusers` for a first stage from diffusers."""
+    for path in artifacts.values():
+        for meta in (Path(path) / "model.json", Path(path) / "vq" / "model.json"):
+            if meta.is_file() and json.loads(meta.read_text()).get("kind") == "diffusers":
+                return ("diffusers",)
+    return ()
 
 
 def log_and_register(name: str, python_model: Path, artifacts: dict[str, str], registered_model_name: str,
@@ -50,7 +68,7 @@ def log_and_register(name: str, python_model: Path, artifacts: dict[str, str], r
 
     info = mlflow.pyfunc.log_model(
         name=name, python_model=str(python_model), artifacts=artifacts, registered_model_name=registered_model_name,
-        pip_requirements=model_requirements(), code_paths=[str(PACKAGE_DIR)])
+        pip_requirements=model_requirements(extras_for(artifacts)), code_paths=[str(PACKAGE_DIR)])
     version = int(info.registered_model_version)
     mlflow.MlflowClient().set_registered_model_alias(registered_model_name, alias, str(version))
     return info.model_uri, version

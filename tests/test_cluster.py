@@ -11,6 +11,7 @@ retrains from it while a worker node is killed (a spot reclaim); a fourth trains
 tracking server is stopped and started again. Each must succeed with every step logged once.
 """
 
+import datetime
 import json
 import re
 import subprocess
@@ -231,6 +232,19 @@ def wait_for_log(cluster: LocalCluster, submission_id: str, text: str) -> None:
         time.sleep(0.5)
 
 
+def wait_for_registered_checkpoint(s3, since, timeout_s: float = 120.0) -> None:
+    """Until Ray Train has registered a checkpoint of a run started after `since` (its checkpoint
+    manager then writes its snapshot to the bucket): a node killed before that leaves nothing to resume."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="ray-train/"):
+            for obj in page.get("Contents", []):
+                if obj["Key"].endswith("checkpoint_manager_snapshot.json") and obj["LastModified"] >= since:
+                    return
+        time.sleep(1)
+    raise AssertionError(f"no checkpoint registered in s3://{BUCKET}/ray-train/ within {timeout_s:.0f} s")
+
+
 def test_a_replaced_shard_and_a_lost_worker_node(cluster, services, two_jobs):
     """One shard object is replaced by another's bytes: the next job's vq, clip and encode run again
     (the cache keys the objects by size and modification time, not by name). That job's ldm runs on
@@ -242,11 +256,13 @@ def test_a_replaced_shard_and_a_lost_worker_node(cluster, services, two_jobs):
     s3.copy_object(Bucket=BUCKET, Key="shards/00001.tar", CopySource={"Bucket": BUCKET, "Key": "shards/00000.tar"})
     steps, every = 60, 10
     submission_id = "node-loss"
+    submitted = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=2)
     proc = submit(cluster, submission_id, f"workdir={two_jobs['workdir']}", f"mlflow.tracking_uri={services.tracking_uri}",
                   *TINY, f"ldm.max_steps={steps}", f"ldm.checkpoint_every={every}", "ldm.batch_size=32",
                   "ldm.log_every=1", "ldm.sample_every=0", "ldm.max_failures=2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     wait_for_log(cluster, submission_id, f"[ldm] step {every + 3}/{steps}")
+    wait_for_registered_checkpoint(s3, submitted)
     workers = [cluster.node_name(a["node_id"]) for a in state(cluster, "actors")
                if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"]
     cluster.kill_node(sorted(workers)[0])
@@ -257,7 +273,8 @@ def test_a_replaced_shard_and_a_lost_worker_node(cluster, services, two_jobs):
         for stage in ("vq", "clip", "encode"):
             assert f"== stage {stage}: ran in" in text, stage
         resumed = [int(step) for step in re.findall(r"\[ldm\] resumed from step (\d+)", text)]
-        assert resumed and all(step > 0 and step % every == 0 for step in resumed), resumed  # from a checkpoint
+        assert resumed and all(step > 0 and step % every == 0 for step in resumed), (  # from a checkpoint
+            resumed, workers, [line for line in text.splitlines() if "[ldm]" in line or "Error" in line][-40:])
         summary = json.loads((two_jobs["workdir"] / "summary.json").read_text())
         assert summary["stages"]["encode"]["metrics"]["samples"] == 192  # shard 0 twice: its keys count twice
         ldm = summary["stages"]["ldm"]["metrics"]

@@ -174,6 +174,43 @@ def test_pretrained_clip_file_and_registered_vq_are_loaded_not_trained(demo_run,
         run_clip(bad, shards, tmp_path / "clip-bad", None)
 
 
+def test_a_diffusers_autoencoder_directory_is_the_first_stage_of_the_vq_and_encode_stages(demo_run, tmp_path):
+    """vq.pretrained: a diffusers AutoencoderKL directory this test saved (downsampling 4, as the
+    demo's VQ). The vq stage measures its latent scale on the data and keeps it in the pipeline's
+    layout; the encode stage writes its latents, which decode through it."""
+    import diffusers
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipeline.data.locate import resolve_shards
+    from pipeline.models.vq import VQModel
+    from pipeline.stages.encode import run_encode
+    from pipeline.stages.vq import run_vq
+
+    cfg, _, summary = demo_run
+    torch.manual_seed(0)
+    autoencoder = diffusers.AutoencoderKL(block_out_channels=(8, 8, 16), layers_per_block=1, norm_num_groups=4,
+                                          latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 3,
+                                          up_block_types=("UpDecoderBlock2D",) * 3).eval()
+    autoencoder.save_pretrained(tmp_path / "sd-like" / "vae", safe_serialization=True)
+    shards = resolve_shards(summary["stages"]["shards"]["output"])
+    pretrained = load_config(None, [f"workdir={cfg.workdir}", f"vq.pretrained={tmp_path / 'sd-like'}",
+                                    "data.demo_num_samples=192", "data.demo_shard_size=64"])
+    metrics = run_vq(pretrained, shards, tmp_path / "vq", None)
+    assert metrics["psnr"] > 0 and "codebook_usage" not in metrics  # no codes in a KL latent space
+    assert metrics["latent_scale"] != autoencoder.config.scaling_factor  # measured on the data
+    first_stage, meta = VQModel.load(tmp_path / "vq")
+    assert meta["latent_scale"] == metrics["latent_scale"]
+    encoded = run_encode(pretrained, shards, tmp_path / "vq", summary["stages"]["clip"]["output"], tmp_path / "enc")
+    assert encoded["samples"] == 192
+    stored = json.loads((tmp_path / "enc" / "metadata.json").read_text())
+    assert stored["latent_shape"] == [4, 8, 8] and stored["latent_scale"] == metrics["latent_scale"]
+    latents = pq.read_table(str(tmp_path / "enc" / "data"), columns=["latent"]).column("latent")
+    latent = torch.from_numpy(latents.combine_chunks().to_numpy()[:2].astype("float32"))
+    with torch.no_grad():
+        torch.testing.assert_close(first_stage.decode(latent), autoencoder.decode(latent).sample, rtol=0, atol=1e-6)
+
+
 def test_a_second_run_finds_every_stage_cached(demo_run):
     cfg, _, first = demo_run
     second = json.loads(run_workflow(cfg).read_text())

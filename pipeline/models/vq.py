@@ -132,12 +132,23 @@ class VQModel(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path) -> tuple["VQModel", dict]:
-        """Rebuild a saved model; returns (model in eval mode, the extra fields of model.json)."""
+        """Rebuild a saved model; returns (model in eval mode, the extra fields of model.json).
+
+        A first stage saved from a diffusers autoencoder (model.json `kind: diffusers`), or a
+        diffusers autoencoder directory itself, loads as a `DiffusersFirstStage`, which answers
+        the same calls."""
+        from pipeline.models import diffusers_first_stage as dfs
+
         directory = Path(directory)
         meta_path = directory / "model.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"not a VQ model directory (no model.json): {directory}")
+            if (found := dfs.diffusers_dir(directory)) is not None:
+                return dfs.DiffusersFirstStage.from_diffusers(found), {}
+            raise FileNotFoundError(f"not a VQ model directory (no model.json, nor a diffusers VQModel or "
+                                    f"AutoencoderKL config.json): {directory}")
         meta = json.loads(meta_path.read_text())
+        if meta.get("kind") == "diffusers":
+            return dfs.DiffusersFirstStage.load(directory)
         model = cls(VQModelConfig(**meta.pop("config")))
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
         # The state dict carries the codebook's `initted` flag, so k-means does not run again.

@@ -203,7 +203,7 @@ class Trainer:
             engine.step()
         self.state.step += 1
         self.ema.update(engine)
-        norm = norm if norm is not None else engine.get_globalgrad_norm()
+        norm = norm if norm is not None else engine.get_global_grad_norm()
         elapsed = time.perf_counter() - start
         metrics = {"loss": sum(losses) / len(losses), "lr": self.scheduler.get_last_lr()[0],
                    "data_wait_frac": waited / max(elapsed, 1e-9), "nonfinite_steps": self.state.nonfinite_steps}

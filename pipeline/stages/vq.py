@@ -65,12 +65,15 @@ def evaluate(model: VQModel, batches) -> dict:
         recon, indices, _ = model(images)
         squared += F.mse_loss(recon.clamp(-1, 1), images, reduction="sum").item()
         count += images.numel()
-        used.update(indices.flatten().tolist())
+        if indices is not None:  # a continuous (KL) first stage has no codes
+            used.update(indices.flatten().tolist())
     if count == 0:
         raise ValueError("no usable held-out images found in data.shards")
     mse = squared / count
-    return {"psnr": float("inf") if mse == 0 else 10 * math.log10(4.0 / mse),
-            "codebook_usage": len(used) / model.cfg.codebook_size}
+    metrics = {"psnr": float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)}
+    if model.cfg.codebook_size:
+        metrics["codebook_usage"] = len(used) / model.cfg.codebook_size
+    return metrics
 
 
 @torch.no_grad()
@@ -119,8 +122,16 @@ def pretrained_dir(cfg: PipelineConfig) -> Path:
     from pipeline.components import COMPONENT_FILES
     from pipeline.model_package import resolve_model_uri
 
+    from pipeline.models.diffusers_first_stage import diffusers_dir, shape_of
+
+    if (directory := diffusers_dir(cfg.vq.pretrained)) is not None:  # a diffusers VQModel / AutoencoderKL
+        downsample = shape_of(json.loads((directory / "config.json").read_text())).downsample
+        check_image_size(cfg.data.image_size, downsample, cfg.ldm.preset,
+                         vq_key=f"the downsampling of vq.pretrained={cfg.vq.pretrained}")
+        return directory
     directory = resolve_model_uri(cfg.vq.pretrained, cfg.tracking_uri, COMPONENT_FILES)
-    downsample = json.loads((directory / "model.json").read_text())["config"]["downsample"]
+    meta = json.loads((directory / "model.json").read_text())
+    downsample = meta["config"]["downsample"] if meta.get("kind") != "diffusers" else shape_of(meta["config"]).downsample
     check_image_size(cfg.data.image_size, downsample, cfg.ldm.preset,
                      vq_key=f"the downsampling of vq.pretrained={cfg.vq.pretrained}")
     return directory

@@ -72,8 +72,18 @@ def test_unet_benchmark_runs_and_reports_its_fields():
     result = unet_bench.main(["--preset", "tiny", "--batch", "2", "--iters", "1", "--warmup", "0"])
     assert result["params_ours"] == result["params_diffusers"]
     assert result["threads"] == 1 and result["batch"] == 2
-    for key in ("ratio_vs_diffusers", "step_s_ours", "step_s_diffusers", "cpu_mfu"):
+    for key in ("ratio_vs_diffusers", "step_s_ours", "step_s_diffusers", "cpu_mfu", "cpu_mfu_of_gemm"):
         assert result[key] > 0, key
+    assert result["cpu_mfu"] <= result["cpu_mfu_of_gemm"] or result["fma_peak_gflop_s"] is None
+
+
+def test_the_mfu_ceiling_comes_from_the_clock_and_the_widest_vector_unit():
+    """cpu_mfu divides by a ceiling no kernel can pass: threads x clock x 2 FMA pipes x lanes x 2."""
+    info = "processor : 0\ncpu MHz : 2000.0\nflags : fpu sse avx avx2 fma {extra}\nprocessor : 1\ncpu MHz : 2500.0\n"
+    assert unet_bench.fma_peak_flops_per_s(1, info.format(extra="avx512f")) == 2500e6 * 2 * 16 * 2
+    assert unet_bench.fma_peak_flops_per_s(2, info.format(extra="")) == 2 * 2500e6 * 2 * 8 * 2
+    assert unet_bench.fma_peak_flops_per_s(1, "flags : fpu\n") is None  # no clock: the caller uses the GEMM peak
+    assert unet_bench.gemm_flops_per_s([(64, 64, 64), (128, 32, 128)], repeats=1) > 0
 
 
 def test_sampler_benchmark_sides_agree():
