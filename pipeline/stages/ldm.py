@@ -238,11 +238,9 @@ class Trainer:
         if logger:
             logger.commit()
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(self.engine, self.ema, asdict(self.state) | {"world_size": self.world}, self.rank, tmp)
-            if final:
-                weights = self.ema.full_weights()  # a collective under ZeRO-3: every rank
-                if self.ema.keep:
-                    export_unet(self.loop.unet, weights, tmp)
+            weights = save_checkpoint(self.engine, self.ema, asdict(self.state) | {"world_size": self.world}, tmp)
+            if final and self.ema.keep:  # the EMA the checkpoint gathered: no second gather
+                export_unet(self.loop.unet, weights, tmp)
             ray.train.report({"step": self.state.step, "loss": metrics["loss"],
                               "nonfinite_steps": self.state.nonfinite_steps},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))

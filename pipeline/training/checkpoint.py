@@ -22,15 +22,17 @@ PROGRESS_FILE = "progress.json"
 EMA_FILE = "ema.safetensors"
 
 
-def save_checkpoint(engine, ema: EMA, progress: dict, rank: int, directory: str) -> None:
+def save_checkpoint(engine, ema: EMA, progress: dict, directory: str) -> dict:
     """DeepSpeed state on every rank; the EMA and progress on rank 0. Every rank calls it
-    (DeepSpeed's save and, under ZeRO-3, the EMA's gather are collectives)."""
+    (DeepSpeed's save and, under ZeRO-3, the EMA's gather are collectives). Returns the whole EMA
+    it gathered (rank 0; {} elsewhere), for an export of the same step."""
     engine.save_checkpoint(directory, tag="deepspeed")
     weights = ema.full_weights()
     if ema.keep:
         save_file(weights, os.path.join(directory, EMA_FILE))
         with open(os.path.join(directory, PROGRESS_FILE), "w") as f:
             json.dump(progress, f)
+    return weights
 
 
 def load_checkpoint(engine, ema: EMA, directory: str) -> None:
