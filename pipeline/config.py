@@ -41,7 +41,15 @@ class DataConfig:
     shards: str = ""
     """WebDataset shards: a directory, glob, brace pattern or URL. Empty: generate the embedded demo."""
     image_size: int = 32
-    """Square training resolution: resize the shorter side, then center-crop."""
+    """Training resolution: the side of the square bucket; every bucket has about image_size² pixels."""
+    buckets: str = "auto"
+    """Aspect-ratio buckets of the encode stage (the latents the UNet trains on; `pipeline.data.buckets`):
+    'auto', the table of sizes around image_size² pixels up to `max_aspect` (square images all land in
+    the square bucket, so square data is trained as before); 'square', every image resized and
+    centre-cropped to image_size²; or the sizes themselves, 'WxH,WxH,...' (each side a multiple of
+    what the VQ and UNet need). The vq and clip stages always train on square crops."""
+    max_aspect: float = 2.0
+    """The most elongated bucket of 'auto': neither side more than this times the other."""
     heldout_fraction: float = 0.05
     """Fraction of samples (chosen by a hash of the key) held out for the stages' metrics."""
     demo_num_samples: int = 4000
@@ -60,6 +68,15 @@ class DataConfig:
             raise ConfigError(f"data.max_image_pixels must be > 0, got {self.max_image_pixels}")
         if not 0.0 <= self.heldout_fraction < 0.5:
             raise ConfigError(f"data.heldout_fraction must be in [0, 0.5), got {self.heldout_fraction}")
+        if self.max_aspect < 1.0:
+            raise ConfigError(f"data.max_aspect must be >= 1, got {self.max_aspect}")
+        if self.buckets not in ("auto", "square"):
+            from pipeline.data.buckets import parse_size
+
+            try:
+                [parse_size(part) for part in self.buckets.split(",")]
+            except ValueError as err:
+                raise ConfigError(f"data.buckets must be 'auto', 'square' or 'WxH,WxH,...': {err}") from None
 
 
 @dataclass
@@ -332,6 +349,23 @@ def check_image_size(image_size: int, vq_downsample: int, preset: str, vq_key: s
         sizes = " or ".join(str(size) for size in (below, below + factor) if size >= 8)
         raise ConfigError(f"data.image_size={image_size} must be a multiple of {factor} ({vq_key}={vq_downsample} "
                           f"times {unet} for the {preset!r} UNet of ldm.preset): try {sizes}")
+
+
+def training_buckets(data: DataConfig, multiple: int) -> list[tuple[int, int]]:
+    """The (width, height) sizes the encode stage fits images to (`data.buckets`), each side a
+    multiple of `multiple` (the VQ's downsampling times the UNet's); ConfigError naming a size that is not."""
+    from pipeline.data.buckets import bucket_table, parse_size
+
+    if data.buckets == "square":
+        return [(data.image_size, data.image_size)]
+    if data.buckets == "auto":
+        return bucket_table(data.image_size, multiple, data.max_aspect)
+    sizes = sorted({parse_size(part) for part in data.buckets.split(",")}, key=lambda s: s[0] / s[1])
+    for width, height in sizes:
+        if width % multiple or height % multiple:
+            raise ConfigError(f"data.buckets: {width}x{height} has a side that is not a multiple of {multiple} "
+                              f"(the VQ's downsampling times the UNet's)")
+    return sizes
 
 
 def _positive(section: str, **values: int) -> None:

@@ -62,7 +62,7 @@ def bare_loop(shards: list[str], vq_dir: str, clip_dir: str, image_size: int, ba
     for shard in shards:
         counts = new_counts()
         with open(shard, "rb") as stream:
-            for key, caption, image in parse_shard(stream, image_size, counts, max_pixels):
+            for key, caption, image, _ in parse_shard(stream, image_size, counts, max_pixels):
                 batch["key"].append(key)
                 batch["caption"].append(caption)
                 batch["image"].append(image)

@@ -23,6 +23,16 @@ def tensor_to_images(x: "torch.Tensor") -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays stacked when they share a shape, else an object array of them (a batch of images
+    or latents in several aspect-ratio buckets; Ray Data stores it as a variable-shaped tensor column)."""
+    if len({array.shape for array in arrays}) <= 1:
+        return np.stack(arrays)
+    column = np.empty(len(arrays), dtype=object)
+    column[:] = arrays
+    return column
+
+
 def tile(images: list[np.ndarray], ncol: int = 0, pad: int = 2, min_side: int = 128) -> np.ndarray:
     """(H, W, 3) uint8 images tiled row by row on white, `ncol` a row (0: a near-square grid),
     tiles smaller than `min_side` upscaled by a whole factor (nearest pixel) so they can be seen."""

@@ -1,7 +1,8 @@
 """Ray Data reading of WebDataset shards into decoded, resized images with clean captions.
 
 The first step of the vq, clip and encode stages: shards -> rows {key, caption, image (S, S, 3)
-uint8}. A Ray Data datasource reads each shard in its own task, streaming the tar, so one bad member
+uint8, or (h, w, 3) at the nearest aspect-ratio bucket for the encode stage, `pipeline.data.buckets`;
+crop, the fraction of the image cut off}. A Ray Data datasource reads each shard in its own task, streaming the tar, so one bad member
 costs one sample, not a block, and rows come in blocks of hundreds rather than one by one (Ray's
 `read_webdataset` makes a block per sample, which is slow for small images). Samples are split into
 train and held-out by a hash of their key, so the split is the same in every stage and every run.
@@ -45,6 +46,9 @@ import ray
 from PIL import Image, UnidentifiedImageError
 from ray.data.block import BlockAccessor
 from ray.data.datasource import FileBasedDatasource
+
+from pipeline.data.buckets import Size, fit_to_bucket, nearest_bucket
+from pipeline.data.images import ragged
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # The decoders tried, whatever the extension says (PNG bytes under .jpg are common in scraped data);
@@ -108,10 +112,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(data: bytes, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Decode JPEG/PNG/WebP bytes, resize the shorter side to `image_size`, center-crop.
+    """Decode JPEG/PNG/WebP bytes, resize the shorter side to `image_size`, center-crop: (S, S, 3) uint8."""
+    return load_fitted(data, [(image_size, image_size)], max_pixels)[0]
 
-    Returns (S, S, 3) uint8; raises SampleError (zero_byte, not_an_image, too_many_pixels,
-    corrupt_image). The pixel limit is checked on the header, before any pixel is decoded.
+
+def load_fitted(data: bytes, sizes: list[Size], max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, float]:
+    """Decode JPEG/PNG/WebP bytes into the size of `sizes` ((width, height) buckets) nearest the
+    image's aspect: the centred box of that aspect, resized in one pass.
+
+    Returns ((h, w, 3) uint8, the fraction of the image's pixels cropped off); raises SampleError
+    (zero_byte, not_an_image, too_many_pixels, corrupt_image). The pixel limit is checked on the
+    header, before any pixel is decoded.
     """
     if not data:
         raise SampleError("zero_byte")
@@ -132,20 +143,19 @@ def load_image(data: bytes, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS)
             raise SampleError("too_many_pixels", f"{w}x{h} is over {max_pixels} pixels")
         if min(w, h) < 1:
             raise SampleError("corrupt_image", f"size {w}x{h}")
+        bucket = nearest_bucket(w, h, sizes)
+        crop = fit_to_bucket(w, h, bucket).crop
         try:
-            if (w, h) != (image_size, image_size):
+            if (w, h) != bucket:
                 # JPEG: decode at the smallest DCT scale still >= the target (much faster on photos).
-                scale = image_size / min(w, h)
+                scale = max(bucket[0] / w, bucket[1] / h)
                 img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
             rgb = _to_rgb(img)
-            w, h = rgb.size
-            if (w, h) != (image_size, image_size):
-                side = min(w, h)
-                left, top = (w - side) / 2, (h - side) / 2
-                # Resize the central square only: shorter side -> image_size, center crop, one pass.
-                rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC,
-                                 box=(left, top, left + side, top + side), reducing_gap=3.0)
-            return np.asarray(rgb, dtype=np.uint8)
+            if rgb.size != bucket:
+                # The decoded size may be a DCT scale of the original: the box is taken from it.
+                box = fit_to_bucket(*rgb.size, bucket).box
+                rgb = rgb.resize(bucket, Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+            return np.asarray(rgb, dtype=np.uint8), crop
         except SampleError:
             raise
         except Exception as err:  # noqa: BLE001 - truncated or corrupt pixel data
@@ -221,15 +231,23 @@ def _missing_member(members: dict[str, bytes]) -> str | None:
     return None
 
 
-def decode_sample(members: dict[str, bytes], image_size: int,
-                  max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[str, np.ndarray]:
-    """(caption, image) from one sample's members; raises SampleError naming the reason."""
+def image_sizes(image_size: int | list[Size]) -> list[Size]:
+    """A square side or a list of (width, height) buckets -> the list of sizes images are fitted to."""
+    if isinstance(image_size, int):
+        return [(image_size, image_size)]
+    return [tuple(size) for size in image_size]
+
+
+def decode_sample(members: dict[str, bytes], image_size: int | list[Size],
+                  max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[str, np.ndarray, float]:
+    """(caption, image, crop fraction) from one sample's members; raises SampleError naming the reason.
+    `image_size`: a square side, or the buckets (`load_fitted`)."""
     missing = _missing_member(members)
     if missing:
         raise SampleError(missing)
     ext = next(e for e in IMAGE_EXTENSIONS if e in members)
     caption = decode_caption(members["txt"])
-    return caption, load_image(members[ext], image_size, max_pixels)
+    return (caption, *load_fitted(members[ext], image_sizes(image_size), max_pixels))
 
 
 def new_counts() -> Counter:
@@ -237,9 +255,10 @@ def new_counts() -> Counter:
     return Counter({"samples": 0, "unconditional": 0, **{reason: 0 for reason in SKIP_REASONS}})
 
 
-def parse_shard(fileobj, image_size: int, counts: Counter,
-                max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[tuple[str, str, np.ndarray]]:
-    """Yield (key, caption, image) for every good sample of a tar stream, each key once.
+def parse_shard(fileobj, image_size: int | list[Size], counts: Counter,
+                max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[tuple[str, str, np.ndarray, float]]:
+    """Yield (key, caption, image, crop fraction) for every good sample of a tar stream, each key once.
+    `image_size`: a square side, or the (width, height) buckets each image goes to the nearest of.
 
     Adds to `counts`: `samples` (yielded), `unconditional` (yielded with an empty caption) and one
     count per skipped sample under its reason (SKIP_REASONS), plus `truncated_tar` once if the
@@ -276,14 +295,14 @@ def parse_shard(fileobj, image_size: int, counts: Counter,
             pending[key] = missing
             continue
         try:
-            caption, image = decode_sample(members, image_size, max_pixels)
+            caption, image, crop = decode_sample(members, image_size, max_pixels)
         except SampleError as err:
             counts[err.reason] += 1
             continue
         counts["samples"] += 1
         if not caption:
             counts["unconditional"] += 1
-        yield key, caption, image
+        yield key, caption, image, crop
     for reason in pending.values():
         counts[reason] += 1
 
@@ -334,7 +353,9 @@ def counts_summary(counts: Counter | dict) -> dict:
 
 
 class ShardDatasource(FileBasedDatasource):
-    """WebDataset tar shards -> blocks of {key, caption, image}; bad samples are skipped and counted.
+    """WebDataset tar shards -> blocks of {key, caption, image, crop}; bad samples are skipped and
+    counted. `image_size`: a square side, or (width, height) buckets (then a block's images may
+    differ in size: Ray stores them as a variable-shaped tensor column).
 
     With `counts_dir`, each shard's counts (parse_shard) are written there when the shard has been
     read to its end (write_shard_counts).
@@ -342,7 +363,7 @@ class ShardDatasource(FileBasedDatasource):
 
     _FILE_EXTENSIONS = ["tar"]
 
-    def __init__(self, paths: list[str], image_size: int, max_image_pixels: int = MAX_IMAGE_PIXELS,
+    def __init__(self, paths: list[str], image_size: int | list[Size], max_image_pixels: int = MAX_IMAGE_PIXELS,
                  counts_dir: str | None = None, **kwargs):
         super().__init__(paths, **kwargs)
         self.image_size = image_size
@@ -350,15 +371,15 @@ class ShardDatasource(FileBasedDatasource):
         self.counts_dir = counts_dir
 
     def _read_stream(self, stream, path: str):
-        rows: dict[str, list] = {"key": [], "caption": [], "image": []}
+        columns = ("key", "caption", "image", "crop")
+        rows: dict[str, list] = {name: [] for name in columns}
         counts = new_counts()
-        for key, caption, image in parse_shard(stream, self.image_size, counts, self.max_image_pixels):
-            rows["key"].append(key)
-            rows["caption"].append(caption)
-            rows["image"].append(image)
+        for sample in parse_shard(stream, self.image_size, counts, self.max_image_pixels):
+            for name, value in zip(columns, sample):
+                rows[name].append(value)
             if len(rows["key"]) >= ROWS_PER_BLOCK:
                 yield _to_block(rows)
-                rows = {"key": [], "caption": [], "image": []}
+                rows = {name: [] for name in columns}
         if rows["key"]:
             yield _to_block(rows)
         if self.counts_dir is not None:
@@ -369,14 +390,16 @@ def _to_block(rows: dict[str, list]):
     return BlockAccessor.batch_to_block({
         "key": np.array(rows["key"], dtype=object),
         "caption": np.array(rows["caption"], dtype=object),
-        "image": np.stack(rows["image"]),
+        "image": ragged(rows["image"]),  # buckets: images of several sizes
+        "crop": np.array(rows["crop"], dtype=np.float32),
     })
 
 
-def read_captioned_images(shards: list[str], image_size: int, split: str | None = None,
+def read_captioned_images(shards: list[str], image_size: int | list[Size], split: str | None = None,
                           heldout_fraction: float = 0.0, max_image_pixels: int = MAX_IMAGE_PIXELS,
                           counts_dir: str | None = None) -> ray.data.Dataset:
-    """Shards -> Ray Dataset of {key, caption, image}; `split` is None, "train" or "heldout".
+    """Shards -> Ray Dataset of {key, caption, image, crop}; `split` is None, "train" or "heldout".
+    `image_size`: a square side (resize the shorter side, centre-crop), or (width, height) buckets.
 
     A shard listed twice is read once. `counts_dir`: where each shard's counts (parse_shard) are
     written once it has been read (write_shard_counts / read_shard_counts).

@@ -155,6 +155,15 @@ class VQModel(nn.Module):
         return model.eval(), meta
 
 
+def downsample_of(meta: dict) -> int:
+    """How much a saved first stage shrinks each side, from its model.json (ours or `kind: diffusers`)."""
+    if meta.get("kind") == "diffusers":
+        from pipeline.models.diffusers_first_stage import shape_of
+
+        return shape_of(meta["config"]).downsample
+    return int(meta["config"]["downsample"])
+
+
 def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:
     """PSNR in dB for images in [-1, 1] (peak-to-peak range 2)."""
     mse = F.mse_loss(reconstruction.clamp(-1, 1), reference).item()

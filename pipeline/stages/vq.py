@@ -123,15 +123,13 @@ def pretrained_dir(cfg: PipelineConfig) -> Path:
     from pipeline.model_package import resolve_model_uri
 
     from pipeline.models.diffusers_first_stage import diffusers_dir, shape_of
+    from pipeline.models.vq import downsample_of
 
     if (directory := diffusers_dir(cfg.vq.pretrained)) is not None:  # a diffusers VQModel / AutoencoderKL
         downsample = shape_of(json.loads((directory / "config.json").read_text())).downsample
-        check_image_size(cfg.data.image_size, downsample, cfg.ldm.preset,
-                         vq_key=f"the downsampling of vq.pretrained={cfg.vq.pretrained}")
-        return directory
-    directory = resolve_model_uri(cfg.vq.pretrained, cfg.tracking_uri, COMPONENT_FILES)
-    meta = json.loads((directory / "model.json").read_text())
-    downsample = meta["config"]["downsample"] if meta.get("kind") != "diffusers" else shape_of(meta["config"]).downsample
+    else:
+        directory = resolve_model_uri(cfg.vq.pretrained, cfg.tracking_uri, COMPONENT_FILES)
+        downsample = downsample_of(json.loads((directory / "model.json").read_text()))
     check_image_size(cfg.data.image_size, downsample, cfg.ldm.preset,
                      vq_key=f"the downsampling of vq.pretrained={cfg.vq.pretrained}")
     return directory

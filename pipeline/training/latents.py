@@ -8,7 +8,8 @@ blocks would die with the node, and re-reading them needs a free CPU the workers
 
 Order: global step s (counting from 0) trains on global batch s, the rows
 `permutation(epoch)[j * G:(j + 1) * G]` with `epoch = s // steps_per_epoch`, `j = s % steps_per_epoch`
-and G the global batch (micro batch x workers x gradient accumulation). Micro-batch m of rank r
+and G the global batch (micro batch x workers x gradient accumulation); with aspect-ratio buckets,
+each bucket's rows in the permutation's order, cut into global batches (`GlobalOrder`). Micro-batch m of rank r
 in that step is slice `m * world + r` of it. A resumed run, on any number of workers with the same
 global batch, trains on the same samples in the same order, and with the same randomness: what a
 sample gets (its conditioning dropout, timestep and noise) is drawn from a generator of its own,
@@ -42,41 +43,73 @@ def parquet_files(data_dir: str) -> list[str]:
 
 
 class LatentTable:
-    """The latent dataset's training columns, held in this worker's memory as numpy arrays."""
+    """The latent dataset's training columns, held in this worker's memory as numpy arrays.
+
+    Latents of several aspect-ratio buckets (shapes) are kept per row; `bucket_of_row` numbers each
+    row's shape (in the order of `shapes`), so a batch can be drawn from one bucket."""
 
     def __init__(self, data_dir: str):
         import pyarrow.parquet as pq
 
         import ray.data  # noqa: F401 - registers the tensor extension types the columns are stored as
 
-        table = pq.read_table(parquet_files(data_dir), columns=LATENT_COLUMNS)
-        self.columns = {name: table.column(name).combine_chunks().to_numpy() for name in LATENT_COLUMNS}
-        self.rows = table.num_rows
+        # File by file: a file whose latents share one shape stores them as a fixed-shape column,
+        # one with several as a variable-shaped one.
+        parts = [pq.read_table(path, columns=LATENT_COLUMNS) for path in parquet_files(data_dir)]
+        self.columns = {name: np.concatenate([part.column(name).combine_chunks().to_numpy() for part in parts])
+                        for name in LATENT_COLUMNS if name != "latent"}
+        latents = [part.column("latent").combine_chunks().to_numpy(zero_copy_only=False) for part in parts]
+        self.rows = sum(len(part) for part in latents)
+        if all(part.dtype != object for part in latents) and len({part.shape[1:] for part in latents}) == 1:
+            self.columns["latent"] = np.concatenate(latents)  # one shape: one dense array
+            self.shapes = [tuple(latents[0].shape[1:])]
+            self.bucket_of_row = np.zeros(self.rows, dtype=np.int64)
+        else:
+            column = np.empty(self.rows, dtype=object)
+            column[:] = [row for part in latents for row in part]
+            self.columns["latent"] = column
+            row_shapes = [row.shape for row in column]
+            self.shapes = sorted(set(row_shapes), key=lambda shape: (shape[2] / shape[1], shape))
+            index = {shape: i for i, shape in enumerate(self.shapes)}
+            self.bucket_of_row = np.array([index[shape] for shape in row_shapes], dtype=np.int64)
 
     def batch(self, rows: np.ndarray, device: torch.device, latent_scale: float) -> tuple[torch.Tensor, Conditioning]:
-        """Scaled latents x0 (B, C, H, W) and their text conditions for the given row indices."""
+        """Scaled latents x0 (B, C, H, W) and their text conditions for the given row indices (of one bucket)."""
         c = self.columns
-        x0 = torch.from_numpy(c["latent"][rows]).to(device).float() * latent_scale
+        latents = c["latent"][rows]
+        if latents.dtype == object:
+            latents = np.stack(list(latents))
+        x0 = torch.from_numpy(latents).to(device).float() * latent_scale
         cond = Conditioning(torch.from_numpy(c["tokens"][rows]), torch.from_numpy(c["mask"][rows]),
                             torch.from_numpy(c["pooled"][rows]))
         return x0, cond.to(device, torch.float32)
 
 
-@dataclass(frozen=True)
 class GlobalOrder:
-    """Which rows each optimizer step trains on, the same for every number of workers."""
+    """Which rows each optimizer step trains on, the same for every number of workers.
 
-    rows: int
-    global_batch: int
-    seed: int
+    With aspect-ratio buckets (`bucket_of_row`), every global batch comes from one bucket: each
+    bucket's rows are taken in the order they have in the epoch's permutation, cut into global
+    batches (a bucket's last incomplete batch waits for another epoch, with another permutation),
+    and the batches of all buckets are trained in the order of their first row's place in the
+    permutation, so each bucket's batches are spread over the epoch. With one bucket this is the
+    permutation cut into global batches.
+    """
 
-    def __post_init__(self):
-        if self.global_batch > self.rows:
-            raise ValueError(f"a global batch of {self.global_batch} needs at least that many latents, got {self.rows}")
+    def __init__(self, rows: int, global_batch: int, seed: int, bucket_of_row: np.ndarray | None = None):
+        self.rows, self.global_batch, self.seed = rows, global_batch, seed
+        self.bucket_of_row = None if bucket_of_row is None else np.asarray(bucket_of_row)
+        counts = np.bincount(self.bucket_of_row) if self.bucket_of_row is not None else np.array([rows])
+        self.batches_per_bucket = counts // global_batch
+        if not self.batches_per_bucket.sum():
+            where = "" if len(counts) == 1 else f" (in one bucket; the buckets hold {counts.tolist()})"
+            raise ValueError(f"a global batch of {global_batch} needs at least that many latents{where}, got "
+                             f"{rows if len(counts) == 1 else int(counts.max())}")
+        self._epoch: tuple[int, list[np.ndarray]] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.rows // self.global_batch
+        return int(self.batches_per_bucket.sum())
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
@@ -84,10 +117,24 @@ class GlobalOrder:
     def permutation(self, epoch: int) -> np.ndarray:
         return _permutation(self.rows, self.seed, epoch)
 
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """The global batches of an epoch, in training order."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            order, g = self.permutation(epoch), self.global_batch
+            if self.bucket_of_row is None:
+                batches = [order[j * g:(j + 1) * g] for j in range(self.steps_per_epoch)]
+            else:
+                buckets, placed = self.bucket_of_row[order], []
+                for bucket, count in enumerate(self.batches_per_bucket):
+                    where = np.flatnonzero(buckets == bucket)  # its rows' places in the permutation
+                    placed += [(where[j * g], order[where[j * g:(j + 1) * g]]) for j in range(count)]
+                batches = [rows for _, rows in sorted(placed, key=lambda item: item[0])]
+            self._epoch = (epoch, batches)
+        return self._epoch[1]
+
     def step_rows(self, step: int) -> np.ndarray:
         """The global batch of step `step` (counting from 0): G row indices."""
-        j = step % self.steps_per_epoch
-        return self.permutation(self.epoch_of(step))[j * self.global_batch:(j + 1) * self.global_batch]
+        return self.batches(self.epoch_of(step))[step % self.steps_per_epoch]
 
     def micro_batch(self, step: int, micro: int, rank: int, world: int, size: int) -> np.ndarray:
         """Rank `rank`'s micro-batch `micro` (of `size` rows) of step `step`: slice micro * world + rank."""
@@ -144,7 +191,8 @@ class TableBatches:
     def __init__(self, loop, rank: int, world: int, device: torch.device):
         self.loop, self.rank, self.world, self.device = loop, rank, world, device
         self.table = LatentTable(str(Path(loop.latents_dir) / "data"))
-        self.order = GlobalOrder(self.table.rows, loop.global_batch(world), loop.seed)
+        buckets = self.table.bucket_of_row if len(self.table.shapes) > 1 else None
+        self.order = GlobalOrder(self.table.rows, loop.global_batch(world), loop.seed, buckets)
 
     def get(self, step: int, micro: int) -> tuple[torch.Tensor, Conditioning]:
         rows = self.order.micro_batch(step, micro, self.rank, self.world, self.loop.batch_size)

@@ -149,12 +149,12 @@ def _expected_skipped(faults: list[str]) -> dict[str, int]:
 def test_a_clean_shard_gives_every_sample_decoded_cropped_and_captioned():
     data, good = build_shard([])
     rows, counts = parse(data)
-    assert [key for key, _, _ in rows] == list(GOOD) + list(UNCONDITIONAL)
+    assert [key for key, _, _, _ in rows] == list(GOOD) + list(UNCONDITIONAL)
     assert counts_summary(counts) == {"samples": 8, "unconditional": 2, "skipped": _expected_skipped([])}
-    captions = {key: caption for key, caption, _ in rows}
+    captions = {key: caption for key, caption, _, _ in rows}
     assert {key: captions[key] for key in CLEAN_CAPTIONS} == CLEAN_CAPTIONS
     assert captions["u-blank"] == captions["u-empty"] == ""
-    for _, _, image in rows:
+    for _, _, image, _ in rows:
         assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and image.dtype == np.uint8
 
 
@@ -162,7 +162,7 @@ def test_a_clean_shard_gives_every_sample_decoded_cropped_and_captioned():
 def test_each_fault_alone_costs_exactly_its_sample(reason):
     data, good = build_shard([reason])
     rows, counts = parse(data)
-    keys = [key for key, _, _ in rows]
+    keys = [key for key, _, _, _ in rows]
     assert sorted(keys) == sorted(good)  # every good sample exactly once
     assert counts_summary(counts) == {
         "samples": len(good), "unconditional": 2, "skipped": _expected_skipped([reason]),
@@ -173,7 +173,7 @@ def test_every_fault_in_one_shard_is_counted_once():
     data, good = build_shard(list(FAULTS))
     rows, counts = parse(data)
     assert len(good) == 9
-    assert sorted(key for key, _, _ in rows) == sorted(good)
+    assert sorted(key for key, _, _, _ in rows) == sorted(good)
     assert counts_summary(counts) == {"samples": 9, "unconditional": 2, "skipped": {r: 1 for r in SKIP_REASONS}}
 
 
@@ -185,7 +185,7 @@ def test_a_split_sample_is_out_of_order_once_and_a_stray_member_after_a_complete
         ("c.png", PNG), ("c.txt", b"c"), ("d.png", PNG), ("d.txt", b"d"), ("c.json", b"{}"), ("c.cls", b"1"),
     ]
     rows, counts = parse(_tar_bytes(members))
-    assert [key for key, _, _ in rows] == ["c", "d"]
+    assert [key for key, _, _, _ in rows] == ["c", "d"]
     assert counts["out_of_order"] == 3  # a, b (dropped), c's stray members (once; c itself is kept)
     assert counts["missing_caption"] == 0 and counts["samples"] == 2
 

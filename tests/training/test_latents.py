@@ -47,3 +47,56 @@ def test_a_sample_draws_the_same_dropout_timestep_and_noise_on_any_world_size():
     assert not torch.equal(drawn(1, 0, GLOBAL_BATCH, step=8).noise, whole.noise)
     assert not torch.equal(drawn(1, 0, GLOBAL_BATCH, attempt=1).noise, whole.noise)  # a retry draws anew
     assert whole.t.min() >= 0 and whole.t.max() < 1000 and len(set(whole.t.tolist())) > 1
+
+
+def test_with_buckets_each_global_batch_is_of_one_bucket_and_an_epoch_sees_each_sample_at_most_once():
+    """Three buckets of 30, 17 and 3 rows, G 8: 3 + 2 + 0 batches an epoch; every step one bucket,
+    on any world size; the small bucket waits (fewer rows than a batch), the rest differ by epoch."""
+    rng = np.random.default_rng(0)
+    bucket_of_row = rng.permutation(np.repeat([0, 1, 2], [30, 17, 3]))
+    order = GlobalOrder(50, GLOBAL_BATCH, seed=3, bucket_of_row=bucket_of_row)
+    assert order.steps_per_epoch == 5 and order.batches_per_bucket.tolist() == [3, 2, 0]
+    per_epoch = order.steps_per_epoch
+    for epoch in range(2):
+        steps = range(epoch * per_epoch, (epoch + 1) * per_epoch)
+        rows = [[int(r) for r in order.step_rows(step)] for step in steps]
+        assert all(len({int(bucket_of_row[r]) for r in batch}) == 1 for batch in rows)
+        assert sorted(int(bucket_of_row[batch[0]]) for batch in rows) == [0, 0, 0, 1, 1]
+        flat = [r for batch in rows for r in batch]
+        assert len(set(flat)) == len(flat) == per_epoch * GLOBAL_BATCH
+        assert rows_seen(order, steps, 2, 2) == rows_seen(order, steps, 1, 1) == flat  # same on any world size
+    assert order.step_rows(0).tolist() != order.step_rows(per_epoch).tolist()
+    resumed = GlobalOrder(50, GLOBAL_BATCH, seed=3, bucket_of_row=bucket_of_row)  # a restarted worker
+    assert all(np.array_equal(resumed.step_rows(s), order.step_rows(s)) for s in range(3 * per_epoch))
+    with pytest.raises(ValueError, match=r"in one bucket; the buckets hold \[30, 17, 3\]"):
+        GlobalOrder(50, 32, seed=3, bucket_of_row=bucket_of_row)
+
+
+def test_one_bucket_orders_as_the_permutation_cut_into_batches():
+    order = GlobalOrder(ROWS, GLOBAL_BATCH, seed=3)
+    bucketed = GlobalOrder(ROWS, GLOBAL_BATCH, seed=3, bucket_of_row=np.zeros(ROWS, dtype=int))
+    for step in range(2 * order.steps_per_epoch):
+        j = step % order.steps_per_epoch
+        expected = order.permutation(order.epoch_of(step))[j * GLOBAL_BATCH:(j + 1) * GLOBAL_BATCH]
+        assert np.array_equal(order.step_rows(step), expected)
+        assert np.array_equal(bucketed.step_rows(step), expected)
+
+
+def test_a_latent_table_of_several_shapes_gives_batches_of_one_shape(tmp_path, ray_session):
+    """The encode stage's Parquet output with latents of two buckets (a variable-shaped column)."""
+    import ray
+
+    from pipeline.data.images import ragged
+    from pipeline.training.latents import LatentTable
+
+    shapes = [(4, 6, 12), (4, 12, 6), (4, 6, 12), (4, 6, 12), (4, 12, 6)]
+    rows = {"latent": ragged([np.full(shape, i, np.float16) for i, shape in enumerate(shapes)]),
+            "tokens": np.zeros((5, 3, 2), np.float16), "mask": np.ones((5, 3), bool),
+            "pooled": np.arange(5, dtype=np.float16)[:, None].repeat(2, 1)}
+    ray.data.from_items([{k: v[i] for k, v in rows.items()} for i in range(5)]).write_parquet(str(tmp_path))
+    table = LatentTable(str(tmp_path))
+    assert table.rows == 5 and table.shapes == [(4, 12, 6), (4, 6, 12)]  # tall first
+    tall = np.flatnonzero(table.bucket_of_row == 0)
+    x0, cond = table.batch(tall, torch.device("cpu"), 1.0)
+    assert x0.shape == (2, 4, 12, 6)
+    assert sorted(x0[:, 0, 0, 0].tolist()) == sorted(cond.pooled[:, 0].tolist())  # rows stay together
