@@ -2,7 +2,9 @@
 
     python jobs/sample.py --model URI (--prompts FILE | --prompt TEXT ...) --out DIR
         [--guidance-scale 3.0] [--steps N] [--sampler ddpm|ddim|dpmpp_2m] [--seed 0] [--num-per-prompt 1]
-        [--config FILE] [key=value ...]
+        [--width W --height H] [--config FILE] [key=value ...]
+
+--width/--height: one of the model's sizes (its aspect-ratio buckets; another is an error listing them).
 
 `key=value` overrides (serve.num_gpus=1, serve.port=8001, ray_address=..., mlflow.tracking_uri=...)
 apply to the config as in every job; a bad key is an error naming it.
@@ -32,6 +34,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sampler", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-per-prompt", type=int, default=1)
+    parser.add_argument("--width", type=int, default=None, help="image width (with --height): one of the model's sizes")
+    parser.add_argument("--height", type=int, default=None, help="image height (with --width)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI for models:/ and runs:/ URIs (default: MLFLOW_TRACKING_URI, "
                              "else the config's)")
@@ -57,18 +61,27 @@ def main(argv=None) -> int:
     if args.num_per_prompt < 1:
         print("error: --num-per-prompt must be >= 1", file=sys.stderr)
         return 2
+    if (args.width is None) != (args.height is None):
+        print("error: --width and --height go together", file=sys.stderr)
+        return 2
+    size = (args.width, args.height) if args.width is not None else None
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
     host, port = cfg.serve.host, cfg.serve.port
     base_url = f"http://{host}:{port}"
     started = ensure_app(args.model, tracking_uri, cfg.serve, cfg.ray_address)
     try:
-        defaults = SamplingDefaults.of((health(base_url) or {}).get("defaults"))
+        info = health(base_url) or {}
+        defaults = SamplingDefaults.of(info.get("defaults"))
+        if size and "sizes" in info and f"{size[0]}x{size[1]}" not in info["sizes"]:
+            print(f"error: --width {size[0]} --height {size[1]}: the model samples at {', '.join(info['sizes'])} "
+                  f"(width x height)", file=sys.stderr)
+            return 2
         records = generate_to_dir(
             prompts, args.out, base_url=base_url,
             guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults["guidance_scale"],
             steps=args.steps if args.steps is not None else defaults["steps"],
             sampler=args.sampler or defaults["sampler"],
-            seed=args.seed, num_per_prompt=args.num_per_prompt, concurrency=cfg.serve.max_batch_size,
+            seed=args.seed, num_per_prompt=args.num_per_prompt, concurrency=cfg.serve.max_batch_size, size=size,
         )
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 Layout (no pickles: JSON + safetensors only):
 
-    model.json            format, schedule, latent scale and shape, sampling defaults
+    model.json            format, schedule, latent scale and shape, sampling defaults, and the
+                          sizes it samples at ("WxH", its aspect-ratio buckets) with the default
     unet.json, unet.safetensors   the EMA UNet
     vq/                   the VQ model (its decoder turns latents into images)
     text_encoder/         the CLIP text encoder (prompts -> conditioning)
@@ -25,6 +26,7 @@ from safetensors.torch import load_file
 
 from pipeline.conditioning import Conditioning
 from pipeline.config import SamplingDefaults
+from pipeline.data.buckets import Size, parse_size, size_name
 from pipeline.data.images import tensor_to_images, tile
 from pipeline.diffusion import NoiseSchedule
 from pipeline.models.text import TextEncoder
@@ -41,8 +43,13 @@ PROMPT_CACHE_SIZE = 4096
 
 def write_package(out_dir: Path, unet_dir: Path, vq_dir: Path, clip_dir: Path, latents_meta: dict,
                   schedule: dict, sampling_defaults: dict) -> None:
-    """Assemble the pipeline model directory from the stages' outputs."""
+    """Assemble the pipeline model directory from the stages' outputs. The sizes are those the ldm
+    stage trained on (`unet_dir/sizes.json`), else the square of the latents' image size."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    square = f"{latents_meta['image_size']}x{latents_meta['image_size']}"
+    sizes = {"sizes": [square], "default_size": square}
+    if (unet_dir / "sizes.json").is_file():
+        sizes = json.loads((unet_dir / "sizes.json").read_text())
     for name in ("unet.json", "unet.safetensors"):
         shutil.copy2(unet_dir / name, out_dir / name)
     shutil.copytree(vq_dir, out_dir / "vq", dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.png", "stage.json"))
@@ -54,6 +61,8 @@ def write_package(out_dir: Path, unet_dir: Path, vq_dir: Path, clip_dir: Path, l
         "latent_shape": latents_meta["latent_shape"],
         "image_size": latents_meta["image_size"],
         "sampling": sampling_defaults,
+        "sizes": sizes["sizes"],
+        "default_size": sizes["default_size"],
     }, indent=2))
 
 
@@ -123,14 +132,19 @@ class GenerationRequest:
     prompt: str
     seed: int = 0
     guidance_scale: float = SamplingDefaults.guidance_scale
+    size: Size | None = None
+    """(width, height), one of the model's `sizes`; None: its default size."""
 
 
 class PipelineModel:
     """Prompts -> images with the EMA UNet, the VQ decoder and the CLIP text encoder."""
 
     def __init__(self, unet: UNet, vq: VQModel, text: TextEncoder, schedule: NoiseSchedule, latent_scale: float,
-                 latent_shape: tuple[int, ...], defaults: dict | None = None, null: Conditioning | None = None):
-        """From the networks (the ldm stage's in-training grids build one so); `load` reads a package."""
+                 latent_shape: tuple[int, ...], defaults: dict | None = None, null: Conditioning | None = None,
+                 sizes: list[Size] | None = None, default_size: Size | None = None, downsample: int = 0):
+        """From the networks (the ldm stage's in-training grids build one so); `load` reads a package.
+        `latent_shape` is that of the default size; `sizes` the (width, height) images it samples at
+        (default: the one `latent_shape` decodes to), each `downsample` times its latent."""
         self.schedule = schedule
         self.unet = unet.eval()
         self.vq = vq
@@ -138,6 +152,9 @@ class PipelineModel:
         self.null = self.text.null() if null is None else null
         self.latent_scale = float(latent_scale)
         self.latent_shape = tuple(latent_shape)
+        self.downsample = downsample or vq.cfg.downsample
+        self.default_size = default_size or (latent_shape[2] * self.downsample, latent_shape[1] * self.downsample)
+        self.sizes = [tuple(size) for size in sizes] if sizes else [self.default_size]
         self.defaults = SamplingDefaults.of(defaults)
         """guidance_scale, steps and sampler of a request that does not give them."""
         self.device = torch.device("cpu")
@@ -168,9 +185,12 @@ class PipelineModel:
             raise ValueError(f"{directory}: unsupported model format {meta.get('format')!r}, expected {FORMAT}")
         unet = UNet(UNetConfig(**json.loads((directory / "unet.json").read_text())))
         unet.load_state_dict(load_file(str(directory / "unet.safetensors")))
+        square = f"{meta['image_size']}x{meta['image_size']}"  # a package from before buckets
         return cls(unet, VQModel.load(directory / "vq")[0], TextEncoder.load(directory / "text_encoder"),
                    NoiseSchedule.from_dict(meta["schedule"]), meta["latent_scale"], meta["latent_shape"],
-                   meta.get("sampling"))
+                   meta.get("sampling"), sizes=[parse_size(name) for name in meta.get("sizes", [square])],
+                   default_size=parse_size(meta.get("default_size", square)),
+                   downsample=meta["image_size"] // meta["latent_shape"][1])
 
     @classmethod
     def from_uri(cls, model_uri: str, tracking_uri: str | None = None) -> "PipelineModel":
@@ -206,9 +226,19 @@ class PipelineModel:
         return _in_fixed_chunks(lambda idx: self.vq.decode(latents[idx]), latents.shape[0], self.fixed_batch,
                                 latents.device)
 
+    def size_of(self, request: GenerationRequest) -> Size:
+        """The request's (width, height); ValueError listing the allowed sizes if it is not one."""
+        if request.size is None:
+            return self.default_size
+        size = tuple(request.size)
+        if size not in self.sizes:
+            raise ValueError(f"{size_name(size)} is not a size this model samples at; its sizes: "
+                             f"{', '.join(size_name(s) for s in self.sizes)}")
+        return size
+
     @torch.no_grad()
     def generate(self, requests: list[GenerationRequest], steps: int, sampler: str) -> list[np.ndarray]:
-        """Generate one image per request, (S, S, 3) uint8 each, in one batched sampling run.
+        """Generate one image per request, (height, width, 3) uint8 each, one batched sampling run per size.
 
         Each request's noise comes from its own seeded generator; with `fixed_batch` set, an image
         is bit for bit the same whatever else shares its batch, except that a batch whose scales
@@ -216,10 +246,20 @@ class PipelineModel:
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; known: {sorted(SAMPLERS)}")
+        sizes = [self.size_of(request) for request in requests]
+        images: list = [None] * len(requests)
+        for size in dict.fromkeys(sizes):
+            rows = [i for i, s in enumerate(sizes) if s == size]
+            for i, image in zip(rows, self._generate([requests[i] for i in rows], size, steps, sampler)):
+                images[i] = image
+        return images
+
+    def _generate(self, requests: list[GenerationRequest], size: Size, steps: int, sampler: str) -> list[np.ndarray]:
         cond = self.encode_prompts([r.prompt for r in requests])
         scales = torch.tensor([float(r.guidance_scale) for r in requests])
         generators = [torch.Generator().manual_seed(int(r.seed)) for r in requests]
-        x = randn_per_sample((len(requests), *self.latent_shape), generators, torch.device("cpu"), torch.float32)
+        shape = (self.latent_shape[0], size[1] // self.downsample, size[0] // self.downsample)
+        x = randn_per_sample((len(requests), *shape), generators, torch.device("cpu"), torch.float32)
         x, scales = x.to(self.device), scales.to(self.device)
         model_fn = guided(self._unet_fn(), cond, self.null, scales)
         latents = sample(sampler, model_fn, x, self.schedule, num_steps=steps, generator=generators)

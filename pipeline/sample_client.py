@@ -32,6 +32,9 @@ class ImageRecord:
     guidance_scale: float
     steps: int
     sampler: str
+    width: int | None = None
+    height: int | None = None
+    """The size asked for (None: the model's default)."""
 
 
 def health(base_url: str) -> dict | None:
@@ -117,15 +120,18 @@ def request_image(base_url: str, body: dict) -> bytes:
 
 
 def generate_to_dir(prompts: list[str], out_dir: str | Path, *, base_url: str, guidance_scale: float, steps: int,
-                    sampler: str, seed: int, num_per_prompt: int, concurrency: int = 16) -> list[ImageRecord]:
-    """Generate num_per_prompt images per prompt; write NNNNN.png, grid.png and manifest.jsonl.
+                    sampler: str, seed: int, num_per_prompt: int, concurrency: int = 16,
+                    size: tuple[int, int] | None = None) -> list[ImageRecord]:
+    """Generate num_per_prompt images per prompt, at `size` (width, height; None: the model's
+    default); write NNNNN.png, grid.png and manifest.jsonl.
 
     Image j of a prompt uses seed + j, so the same settings give the same images.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = [
-        ImageRecord(f"{i * num_per_prompt + j:05d}.png", prompt, seed + j, guidance_scale, steps, sampler)
+        ImageRecord(f"{i * num_per_prompt + j:05d}.png", prompt, seed + j, guidance_scale, steps, sampler,
+                    *(size or (None, None)))
         for i, prompt in enumerate(prompts)
         for j in range(num_per_prompt)
     ]
@@ -136,6 +142,8 @@ def generate_to_dir(prompts: list[str], out_dir: str | Path, *, base_url: str, g
         nonlocal done
         body = {"prompt": record.prompt, "seed": record.seed, "guidance_scale": record.guidance_scale,
                 "steps": record.steps, "sampler": record.sampler}
+        if record.width is not None:
+            body.update(width=record.width, height=record.height)
         (out_dir / record.file).write_bytes(request_image(base_url, body))
         done += 1
         if done % max(1, len(records) // 10) == 0 or done == len(records):
@@ -146,7 +154,7 @@ def generate_to_dir(prompts: list[str], out_dir: str | Path, *, base_url: str, g
         list(pool.map(one, records))
     with open(out_dir / "manifest.jsonl", "w") as f:
         for record in records:
-            f.write(json.dumps(asdict(record)) + "\n")
+            f.write(json.dumps({k: v for k, v in asdict(record).items() if v is not None}) + "\n")
     write_grid([out_dir / r.file for r in records], out_dir / "grid.png", ncol=num_per_prompt if num_per_prompt > 1 else 0)
     return records
 

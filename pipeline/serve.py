@@ -3,22 +3,25 @@
     serve run pipeline.serve:app model_uri=models:/ldm-pipeline@latest [tracking_uri=...]
 
 `POST /generate` takes JSON {"prompt": str, "guidance_scale": float, "steps": int, "seed": int,
-"num_images": int, "sampler": str} (all but `prompt` optional; limits in `LIMITS`) and answers one
+"num_images": int, "sampler": str, "width": int, "height": int} (all but `prompt` optional; limits in
+`LIMITS`; width and height together, one of the model's sizes, its aspect-ratio buckets) and answers one
 PNG (`image/png`) when num_images is 1, else JSON {"images": [base64 PNG, ...], "seeds": [...],
 "model_version": ...}. Image i uses seed + i. Every answer carries the model version in the
 `X-Model-Version` header (an alias like models:/name@candidate is resolved to models:/name/N at
-startup). Bad input gets a 4xx (400; 413 for a body over `MAX_BODY_BYTES`) with a JSON body
+startup). Bad input gets a 4xx (400; 413 for a body over `MAX_BODY_BYTES`; 422 for a width x height
+the model does not sample at, listing the sizes it does) with a JSON body
 {"error": ..., "field": ...} naming the field; a sampling failure a 500 with a JSON body; the server
 stays up. Prompts longer than the text encoder's context are truncated, and the response says so in
 the `X-Prompt-Truncated` header; prompts over `MAX_PROMPT_CHARS` characters are refused.
-`GET /health` answers {"status": "ok", "model": ..., "model_version": ..., "defaults": ...} after
+`GET /health` answers {"status": "ok", "model": ..., "model_version": ..., "defaults": ..., "sizes":
+["WxH", ...], "default_size": "WxH"} after
 asking the sampler (503 if it does not answer). `GET /metrics` answers JSON (or Prometheus text with
 `?format=prometheus`): requests ok / bad / error, images generated, latency percentiles of the
 answered requests, and the sampler's batch-size histogram, mean batch size, and the images queued
 for and running in the sampler now.
 
 The ingress validates; the sampler deployment batches requests (`@serve.batch`), groups them by
-(steps, sampler) and runs each group as one guided sampling call whose forward passes carry the
+(steps, sampler, size) and runs each group as one guided sampling call whose forward passes carry the
 conditional and unconditional halves of every request, each with its own guidance scale. Prompt
 encodings are cached in the model (`PipelineModel.encode_prompts`).
 
@@ -136,7 +139,8 @@ class Sampler:
         return {"model_uri": self.model_uri, "model_version": self.model_version, "defaults": self.model.defaults,
                 "context_length": self.model.context_length,
                 "max_steps": int(self.model.schedule.num_train_timesteps),
-                "max_batch_size": self.max_batch_size, "fixed_batch": self.model.fixed_batch}
+                "max_batch_size": self.max_batch_size, "fixed_batch": self.model.fixed_batch,
+                "sizes": [list(size) for size in self.model.sizes], "default_size": list(self.model.default_size)}
 
     def ping(self) -> bool:
         return True
@@ -186,9 +190,10 @@ class Sampler:
         # Scale exactly 1 needs no unconditional half: such requests form groups of their own so
         # that every request always takes the same path (see the module docstring).
         def key(i: int):
-            return jobs[i].steps, jobs[i].sampler, jobs[i].request.guidance_scale == 1.0
+            request = jobs[i].request
+            return jobs[i].steps, jobs[i].sampler, request.guidance_scale == 1.0, self.model.size_of(request)
 
-        for (steps, sampler, _), group in groupby(sorted(range(len(jobs)), key=key), key=key):
+        for (steps, sampler, _, _), group in groupby(sorted(range(len(jobs)), key=key), key=key):
             group = list(group)
             self.counters["sampling_runs"] += 1
             try:
@@ -243,7 +248,8 @@ class Ingress:
         except Exception as err:  # noqa: BLE001 - unhealthy, whatever the cause
             return JSONResponse({"status": "unavailable", "error": f"{type(err).__name__}: {err}"}, 503)
         return JSONResponse({"status": "ok", "model": info["model_uri"], "model_version": info["model_version"],
-                             "defaults": info["defaults"]}, headers={"X-Model-Version": info["model_version"]})
+                             "defaults": info["defaults"], "sizes": [f"{w}x{h}" for w, h in info["sizes"]],
+                             "default_size": "{}x{}".format(*info["default_size"])}, headers={"X-Model-Version": info["model_version"]})
 
     @api.get("/metrics")
     async def metrics(self, request: Request):
@@ -279,14 +285,15 @@ class Ingress:
         version = info["model_version"]
         headers = {"X-Model-Version": version}
         try:
-            params = validate(await self._read_json(request), info["defaults"], info.get("max_steps", 1000))
+            params = validate(await self._read_json(request), info["defaults"], info.get("max_steps", 1000),
+                              [tuple(size) for size in info["sizes"]])
         except RequestError as err:
             return self._answer("bad", err.status, JSONResponse(
                 {"error": str(err), "field": err.field, "model_version": version}, err.status, headers=headers), start)
         try:
             jobs = [
-                SampleJob(GenerationRequest(params.prompt, params.seed + i, params.guidance_scale), params.steps,
-                          params.sampler)
+                SampleJob(GenerationRequest(params.prompt, params.seed + i, params.guidance_scale, params.size),
+                          params.steps, params.sampler)
                 for i in range(params.num_images)
             ]
             answers = await asyncio.gather(*[self.sampler.generate.remote(job) for job in jobs])

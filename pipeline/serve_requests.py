@@ -13,7 +13,7 @@ MAX_PROMPT_CHARS = 2000
 """Longer prompts are refused (400); shorter ones beyond the encoder's context are truncated."""
 MAX_BODY_BYTES = 64 * 1024
 """Larger /generate bodies are refused (413)."""
-KNOWN_FIELDS = ("prompt", "guidance_scale", "steps", "seed", "num_images", "sampler")
+KNOWN_FIELDS = ("prompt", "guidance_scale", "steps", "seed", "num_images", "sampler", "width", "height")
 
 
 class RequestError(ValueError):
@@ -33,12 +33,16 @@ class GenerateParams:
     seed: int
     num_images: int
     sampler: str
+    size: tuple[int, int] | None = None
+    """(width, height); None: the model's default size."""
 
 
-def validate(body, defaults: dict, max_steps: int = LIMITS["steps"][1]) -> GenerateParams:
+def validate(body, defaults: dict, max_steps: int = LIMITS["steps"][1],
+             sizes: list[tuple[int, int]] | None = None) -> GenerateParams:
     """Check a /generate body; raises RequestError naming the first bad field.
 
-    `max_steps` further bounds steps (the model's number of training timesteps).
+    `max_steps` further bounds steps (the model's number of training timesteps); `sizes`, the
+    model's (width, height) sizes, are what `width` and `height` may ask for (given together).
     """
     if not isinstance(body, dict):
         raise RequestError("body", "must be a JSON object")
@@ -73,7 +77,20 @@ def validate(body, defaults: dict, max_steps: int = LIMITS["steps"][1]) -> Gener
     num_images = number("num_images", int, 1)
     if seed + num_images > 2**63:
         raise RequestError("seed", "seed + num_images must be at most 2**63")
+    size = None
+    if "width" in body or "height" in body:
+        for name in ("width", "height"):
+            if name not in body:
+                raise RequestError(name, "width and height go together")
+            if isinstance(body[name], bool) or not isinstance(body[name], int):
+                raise RequestError(name, "must be an integer")
+        size = (body["width"], body["height"])
+        if sizes is not None and size not in [tuple(s) for s in sizes]:
+            allowed = ", ".join(f"{w}x{h}" for w, h in sizes)
+            raise RequestError("width", f"{size[0]}x{size[1]} is not a size this model samples at; "
+                                        f"its sizes (width x height): {allowed}", status=422)
     return GenerateParams(
+        size=size,
         prompt=prompt,
         guidance_scale=number("guidance_scale", float, defaults["guidance_scale"]),
         steps=number("steps", int, defaults["steps"], high=max_steps),

@@ -32,7 +32,9 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
-    return write_untrained_package(tmp_path_factory.mktemp("serve") / "model", steps=STEPS)
+    # Aspect-ratio buckets: square by default, and 2:1 and 1:2 on request.
+    return write_untrained_package(tmp_path_factory.mktemp("serve") / "model", steps=STEPS,
+                                   sizes=["32x32", "48x24", "24x48"])
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,25 @@ def test_validate_unit():
     with pytest.raises(RequestError) as err:
         validate({"prompt": "x", "steps": 500}, defaults, max_steps=100)
     assert err.value.field == "steps"
+
+
+def test_a_size_is_one_of_the_models_or_a_4xx_that_lists_them(served):
+    import io
+
+    from PIL import Image
+
+    base_url, _ = served
+    _, health = get_json(base_url, "/health")
+    assert health["sizes"] == ["32x32", "48x24", "24x48"] and health["default_size"] == "32x32"
+    for body, size in (({}, (32, 32)), ({"width": 48, "height": 24}, (48, 24)), ({"width": 24, "height": 48}, (24, 48))):
+        status, _, data = _generate(base_url, prompt="a red circle on the left", steps=STEPS, **body)
+        assert status == 200 and Image.open(io.BytesIO(data)).size == size
+    status, _, data = _generate(base_url, prompt="x", steps=STEPS, width=40, height=40)
+    answer = json.loads(data)
+    assert status == 422 and answer["field"] == "width"
+    assert "40x40" in answer["error"] and all(size in answer["error"] for size in ("32x32", "48x24", "24x48"))
+    status, _, data = _generate(base_url, prompt="x", steps=STEPS, width=48)
+    assert status == 400 and json.loads(data)["field"] == "height"
 
 
 def test_app_arguments_are_typed_and_a_misspelt_one_is_named():

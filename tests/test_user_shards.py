@@ -1,11 +1,13 @@
 """A user's own small data set through the whole workflow with the default config: a folder of
-non-square JPEGs with free-form captions (no demo vocabulary), sharded with jobs/make_shards.py's
-`folder` path, trained at another image size (48) through the real components, some captions
-longer than any text context, no prompts given (the samples are of held-out captions). The set is smaller than the default clip and ldm batches: they
-shrink to fit instead of waiting forever for a batch."""
+non-square JPEGs (half 2:1 landscapes, half 1:2 portraits) with free-form captions (no demo
+vocabulary), sharded with jobs/make_shards.py's `folder` path, trained at another image size (48)
+in aspect-ratio buckets through the real components, some captions longer than any text context, no
+prompts given (the samples are of held-out captions). The set is smaller than the default clip and
+ldm batches: they shrink to fit instead of waiting forever for a batch."""
 
 import csv
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +32,9 @@ def write_folder(directory: Path, count: int) -> None:
         writer = csv.writer(f)
         writer.writerow(["file", "caption"])
         for i in range(count):
-            pixels = (rng.random((30, 50, 3)) * 255).astype("uint8")  # 50 x 30: resized and centre-cropped
-            pixels[:, :25] = rng.integers(0, 255, 3)
+            # Even: 100 x 50 landscapes, odd: 50 x 100 portraits, each in its own bucket, uncropped.
+            pixels = (rng.random((50, 100, 3) if i % 2 == 0 else (100, 50, 3)) * 255).astype("uint8")
+            pixels[:25, :25] = rng.integers(0, 255, 3)
             Image.fromarray(pixels).save(directory / "photos" / f"img{i:03d}.jpg")
             caption = f"a photo of a {PLACES[i % len(PLACES)]}, number {i}"
             if i % 10 == 0:  # one in ten is alt-text-long: more tokens than CLIP's context of 77
@@ -39,7 +42,7 @@ def write_folder(directory: Path, count: int) -> None:
             writer.writerow([f"img{i:03d}.jpg", caption])
 
 
-def test_own_folder_of_captioned_jpegs_at_another_size(ray_session, tmp_path, free_port):
+def test_own_folder_of_captioned_jpegs_at_another_size_in_buckets(ray_session, tmp_path, free_port, capsys):
     write_folder(tmp_path, 60)
     subprocess.run([sys.executable, str(ROOT / "jobs" / "make_shards.py"), "folder", "--images",
                     str(tmp_path / "photos"), "--captions", str(tmp_path / "captions.csv"),
@@ -53,7 +56,10 @@ def test_own_folder_of_captioned_jpegs_at_another_size(ray_session, tmp_path, fr
     stages = summary["stages"]
     assert list(stages) == ["vq", "clip", "encode", "ldm", "samples"]  # no demo shards stage
     assert all(stage["status"] == "ran" for stage in stages.values())
-    assert stages["encode"]["metrics"]["samples"] == 60 and sum(stages["encode"]["metrics"]["skipped"].values()) == 0
+    encode = stages["encode"]["metrics"]
+    assert encode["samples"] == 60 and sum(encode["skipped"].values()) == 0
+    # Buckets around 48² pixels: each image in the one of its aspect, none cropped (a square crop would cut half).
+    assert encode["buckets"] == {"32x64": 30, "64x32": 30} and encode["crop_max"] == 0.0
     assert 0.0 <= stages["vq"]["metrics"]["codebook_usage"] <= 1.0 and np.isfinite(stages["vq"]["metrics"]["psnr"])
     clip = stages["clip"]["metrics"]
     assert set(clip) == {"retrieval_top1", "model_version", "context_length", "captions_truncated"}  # no demo figures
@@ -61,15 +67,33 @@ def test_own_folder_of_captioned_jpegs_at_another_size(ray_session, tmp_path, fr
     # only those; the encode stage counts the same captions over the whole set.
     assert clip["context_length"] == 77 and 0.0 < clip["captions_truncated"] < 0.2
     assert stages["encode"]["metrics"]["captions_truncated"] == 0.1
-    assert stages["ldm"]["metrics"]["global_batch"] == 60  # ldm.batch_size 64, one worker, 60 latents
+    # ldm.batch_size 64, one worker: a global batch comes from one bucket of 30.
+    ldm = stages["ldm"]["metrics"]
+    assert ldm["global_batch"] == 30 and ldm["bucket_batches_per_epoch"] == {"32x64": 1, "64x32": 1}
+    assert ldm["samples_unused_per_epoch"] == 0
+    from mlflow import MlflowClient
+
+    client = MlflowClient(summary["tracking_uri"])
+    children = client.search_runs([client.get_run(summary["mlflow_run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")
+    encode_run = next(run for run in children if run.data.tags["stage"] == "encode")
+    assert encode_run.data.metrics["buckets.32x64"] == 30 and encode_run.data.metrics["crop_max"] == 0.0
     assert not any(name.startswith("adherence") for name in stages["samples"]["metrics"])
     # No prompts given: the samples are of held-out captions, the user's own words.
     records = [json.loads(line) for line in (Path(summary["samples_dir"]) / "manifest.jsonl").read_text().splitlines()]
     with open(tmp_path / "captions.csv") as f:
         captions = {row["caption"] for row in csv.DictReader(f)}
     assert len(records) == 2 and all(r["prompt"] in captions for r in records)
-    for record in records:
-        assert Image.open(Path(summary["samples_dir"]) / record["file"]).size == (48, 48)
+    for record in records:  # the default size: the most populated bucket (both hold 30: the first)
+        assert Image.open(Path(summary["samples_dir"]) / record["file"]).size == (32, 64)
+    # Any of the model's buckets on request; another size is an error listing them.
+    main = runpy.run_path(str(ROOT / "jobs" / "sample.py"))["main"]
+    args = ["--model", summary["model_uri"], "--tracking-uri", summary["tracking_uri"], f"serve.port={free_port}",
+            "--prompt", records[0]["prompt"], "--steps", "2"]
+    assert main(args + ["--width", "64", "--height", "32", "--out", str(tmp_path / "wide")]) == 0
+    assert Image.open(tmp_path / "wide" / "00000.png").size == (64, 32)
+    assert main(args + ["--width", "48", "--height", "48", "--out", str(tmp_path / "square")]) == 2
+    assert "32x64, 64x32" in capsys.readouterr().err
 
 
 def test_batch_size_fits_a_small_data_set_and_too_few_samples_name_the_keys():

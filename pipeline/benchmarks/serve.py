@@ -38,8 +38,10 @@ PROMPTS = ["a red circle on the left", "a blue square on the right", "a green tr
            "a yellow circle at the bottom", "a blue triangle on the left", "a red square at the top"]
 
 
-def write_untrained_package(out_dir: str | Path, seed: int = 0, steps: int = 10, config=None) -> Path:
-    """A pipeline model directory of freshly initialised tiny models (the demo config's shapes).
+def write_untrained_package(out_dir: str | Path, seed: int = 0, steps: int = 10, config=None,
+                            sizes: list[str] | None = None) -> Path:
+    """A pipeline model directory of freshly initialised tiny models (the demo config's shapes),
+    sampling at `sizes` ('WxH'; default: the square of data.image_size, the first is the default).
 
     The VQ codebook is random and marked initialised (so decoding does not run k-means on the first
     batch) and the UNet's zero-initialised output layers get small random weights, so that images
@@ -79,6 +81,8 @@ def write_untrained_package(out_dir: str | Path, seed: int = 0, steps: int = 10,
                 p.normal_(0.0, 0.02)
     (parts / "unet").mkdir(parents=True, exist_ok=True)
     (parts / "unet" / "unet.json").write_text(json.dumps(asdict(ucfg), indent=2))
+    if sizes:
+        (parts / "unet" / "sizes.json").write_text(json.dumps({"sizes": sizes, "default_size": sizes[0]}))
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(parts / "unet" / "unet.safetensors"))
     meta = {"latent_scale": 1.0, "latent_shape": latent_shape, "image_size": cfg.data.image_size}
     sampling = {"guidance_scale": cfg.samples.guidance_scale, "steps": steps, "sampler": cfg.samples.sampler}

@@ -9,7 +9,8 @@ same samples. Rank 0 logs per-step metrics to the stage's MLflow run, keeps the 
 progress board each step; the driver stops a run whose steps stop
 (`ldm.stall_timeout_s`) with an error naming what Ray waits for. Checkpoints are reported to Ray
 Train, which keeps the last few and resumes from the latest after a worker or node failure. The
-stage's output is the EMA UNet (`unet.json` + `unet.safetensors`).
+stage's output is the EMA UNet (`unet.json` + `unet.safetensors`) and `sizes.json`, the aspect-ratio
+buckets it trained on (the sizes the model samples at; the default is the most populated).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import ray.train.torch
 import torch
 
 from pipeline.conditioning import Conditioning, drop_to_null
+from pipeline.data.buckets import latent_buckets, main_bucket, trained_sizes
 from pipeline.config import PipelineConfig
 from pipeline.diffusion import NoiseSchedule, ScheduleConfig, training_loss
 from pipeline.models.unet import UNet, UNetConfig, unet_config
@@ -303,22 +305,24 @@ def build_loop_config(cfg: PipelineConfig, latents_dir: Path, run_id: str | None
     meta = json.loads((latents_dir / "metadata.json").read_text())
     unet = unet_config(cfg.ldm.preset, in_channels=meta["latent_shape"][0], context_dim=meta["token_dim"],
                        pooled_dim=meta["pooled_dim"])
-    side = meta["latent_shape"][1]
-    if side % unet.downsample_factor:
-        raise ValueError(
-            f"latent side {side} (data.image_size {cfg.data.image_size} / vq.downsample {cfg.vq.downsample}) is not a "
-            f"multiple of the '{cfg.ldm.preset}' UNet's downsampling factor {unet.downsample_factor}")
+    buckets = latent_buckets(meta)
+    for name, bucket in buckets.items():
+        if any(side % unet.downsample_factor for side in bucket["latent_shape"][1:]):
+            raise ValueError(
+                f"the latents of bucket {name} are {bucket['latent_shape'][2]}x{bucket['latent_shape'][1]}, not "
+                f"multiples of the '{cfg.ldm.preset}' UNet's downsampling factor {unet.downsample_factor}")
     ldm = cfg.ldm
     prompts = list(prompts)[:16]
     grid = None
-    if run_id and prompts and meta.get("clip_dir") and meta.get("vq_dir"):
-        grid = GridConfig(prompts, meta["clip_dir"], meta["vq_dir"], meta["latent_shape"], cfg.samples.seed,
-                          cfg.samples.guidance_scale, ldm.sample_grid_steps)
+    if run_id and prompts and meta.get("clip_dir") and meta.get("vq_dir"):  # at the size with the most samples
+        grid = GridConfig(prompts, meta["clip_dir"], meta["vq_dir"], buckets[main_bucket(buckets)]["latent_shape"],
+                          cfg.samples.seed, cfg.samples.guidance_scale, ldm.sample_grid_steps)
+    largest = max(bucket["samples"] for bucket in buckets.values())  # a global batch comes from one bucket
     return LDMLoopConfig(
         unet=asdict(unet), schedule=asdict(ldm.schedule), latents_dir=str(latents_dir),
         latent_scale=meta["latent_scale"], rows=rows, seed=cfg.seed, lr=ldm.lr, weight_decay=ldm.weight_decay,
         warmup_steps=ldm.warmup_steps,
-        batch_size=fit_batch_size(rows // ldm.grad_accum, ldm.batch_size, ldm.num_workers, "ldm"),
+        batch_size=fit_batch_size(largest // ldm.grad_accum, ldm.batch_size, ldm.num_workers, "ldm"),
         grad_accum=ldm.grad_accum, grad_clip=ldm.grad_clip, zero_stage=ldm.zero_stage, precision=ldm.precision,
         p_uncond=ldm.p_uncond, ema_decay=ldm.ema_decay, max_steps=ldm.max_steps,
         checkpoint_every=ldm.checkpoint_every, log_every=ldm.log_every, max_nonfinite_steps=ldm.max_nonfinite_steps,
@@ -348,6 +352,11 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
     """
     ldm, workers = cfg.ldm, cfg.ldm.num_workers
     datasets = None
+    buckets = latent_buckets(json.loads((latents_dir / "metadata.json").read_text()))
+    if ldm.stream_latents and len(buckets) > 1:
+        raise ValueError(f"ldm.stream_latents=true streams batches of any shape, but the latents are in "
+                         f"{len(buckets)} aspect-ratio buckets ({', '.join(buckets)}): set ldm.stream_latents=false "
+                         f"(each worker reads the latents, one bucket per batch) or data.buckets=square")
     if ldm.stream_latents:
         check_cpus_left_for_streaming(cfg.ray_address, workers, ldm.cpus_per_worker, "ldm")
         ds = ray.data.read_parquet(str(latents_dir / "data"))
@@ -381,6 +390,8 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
             (out_dir / name_).write_bytes((Path(directory) / name_).read_bytes())
         progress = json.loads((Path(directory) / "progress.json").read_text())
     global_batch = loop.global_batch(workers)
+    sizes = trained_sizes(buckets, global_batch)
+    (out_dir / "sizes.json").write_text(json.dumps({"sizes": sizes["sizes"], "default_size": sizes["default_size"]}))
     trained = ldm.max_steps - (starts[0]["step"] if starts else 0)
     return {"final_loss": float((result.metrics or {}).get("loss", math.nan)),
             "train_img_per_s": trained * global_batch / seconds,
@@ -388,4 +399,6 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
             "nonfinite_steps": int(progress.get("nonfinite_steps", 0)),
             "worker_group_restarts": max(0, len(starts) - 1),
             "world_sizes": progress.get("world_sizes") or sorted({s["world_size"] for s in starts}),
+            "bucket_batches_per_epoch": sizes["bucket_batches_per_epoch"],
+            "samples_unused_per_epoch": sizes["samples_unused_per_epoch"],
             "params": count_parameters(out_dir / "unet.safetensors")}
