@@ -58,3 +58,30 @@ def save_untrained_encoders(cfg, root: Path, seed: int = 0) -> tuple[Path, Path]
     VQModel(model_config(cfg)).save(vq_dir, latent_scale=1.0)
     build_text_encoder(encoder_spec(cfg)).save(clip_dir)
     return vq_dir, clip_dir
+
+
+def write_latent_dataset(out: Path, rows: int, latent_shape: tuple[int, int, int], context: int = 8,
+                         width: int = 32, image_size: int = 32, seed: int = 0) -> Path:
+    """A latent dataset as the encode stage writes it (Parquet rows via Ray Data, metadata, the null
+    condition) of random latents and conditions, one square bucket; returns `out`. Needs Ray."""
+    import json
+
+    import numpy as np
+    import ray
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((rows, context), dtype=bool)
+    mask[:, : context // 2] = True
+    items = [{"key": f"{i:06d}", "caption": f"caption {i}",
+              "latent": rng.standard_normal(latent_shape).astype(np.float16),
+              "tokens": rng.standard_normal((context, width)).astype(np.float16),
+              "mask": mask[i], "pooled": rng.standard_normal(width).astype(np.float16)} for i in range(rows)]
+    ray.data.from_items(items).repartition(3).write_parquet(str(out / "data"))
+    save_file({"tokens": torch.zeros(1, context, width), "mask": torch.tensor(mask[:1]),
+               "pooled": torch.zeros(1, width)}, str(out / "null_condition.safetensors"))
+    (out / "metadata.json").write_text(json.dumps({
+        "latent_shape": list(latent_shape), "context_length": context, "token_dim": width, "pooled_dim": width,
+        "latent_scale": 1.0, "samples": rows, "image_size": image_size}))
+    return out

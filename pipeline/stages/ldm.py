@@ -15,8 +15,11 @@ buckets it trained on (the sizes the model samples at; the default is the most p
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +38,8 @@ from pipeline.models.unet import UNet, UNetConfig, unet_config
 from pipeline.ray_runtime import ProgressLine, check_cpus_left_for_streaming, fit
 from pipeline.training.first_stage import fit_batch_size
 from pipeline.tracking import MetricLogger, replay_when_back
-from pipeline.training.checkpoint import count_parameters, export_unet, load_checkpoint, read_progress, save_checkpoint
+from pipeline.training.checkpoint import (checkpoint_progress, count_parameters, export_unet, load_checkpoint,
+                                         save_checkpoint, to_universal)
 from pipeline.training.ema import EMA
 from pipeline.training.faults import FaultInjection
 from pipeline.training.grids import GridConfig, SampleGrids
@@ -99,8 +103,9 @@ class TrainState:
     """The world sizes this run has trained at, in the order they came (any resume may change it)."""
 
 
-def deepspeed_config(loop: LDMLoopConfig, world_size: int) -> dict:
-    """The DeepSpeed config derived from ours: batch sizes, ZeRO stage, precision, clipping."""
+def deepspeed_config(loop: LDMLoopConfig, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed config derived from ours: batch sizes, ZeRO stage, precision, clipping;
+    `load_universal`: the checkpoint it will load is a universal one (resumed at another world size)."""
     return {
         "train_micro_batch_size_per_gpu": loop.batch_size,
         "gradient_accumulation_steps": loop.grad_accum,
@@ -113,10 +118,11 @@ def deepspeed_config(loop: LDMLoopConfig, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
-def setup_model_and_optimizer(loop: LDMLoopConfig, world_size: int):
+def setup_model_and_optimizer(loop: LDMLoopConfig, world_size: int, load_universal: bool = False):
     """UNet + AdamW + warmup schedule wrapped in a DeepSpeed engine (on this worker's device)."""
     import deepspeed
     import deepspeed.ops
@@ -131,7 +137,7 @@ def setup_model_and_optimizer(loop: LDMLoopConfig, world_size: int):
     warmup = max(1, loop.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(loop, world_size))
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(loop, world_size, load_universal))
     return engine, scheduler
 
 
@@ -148,9 +154,16 @@ class Trainer:
     def __init__(self, loop: LDMLoopConfig):
         ctx = ray.train.get_context()
         self.loop, self.rank, self.world = loop, ctx.get_world_rank(), ctx.get_world_size()
+        self.local_rank, self.node_rank = ctx.get_local_rank(), ctx.get_node_rank()
         torch.set_num_threads(loop.threads)
         self.device = ray.train.torch.get_device()
-        self.engine, self.scheduler = setup_model_and_optimizer(loop, self.world)
+        # The checkpoint to resume, if any: written at another world size, its ZeRO-partitioned state
+        # is loaded through a universal checkpoint, which the engine must be built to read.
+        self.checkpoint = ray.train.get_checkpoint()
+        self.resumed = checkpoint_progress(self.checkpoint) if self.checkpoint else None
+        self.written_by = (self.resumed or {}).get("world_size", self.world)
+        self.universal = self.written_by != self.world and loop.zero_stage > 0
+        self.engine, self.scheduler = setup_model_and_optimizer(loop, self.world, self.universal)
         self.dtype = DTYPES[loop.precision]
         self.schedule = NoiseSchedule(ScheduleConfig(**loop.schedule))
         from pipeline.stages.encode import load_null_condition
@@ -214,23 +227,37 @@ class Trainer:
         return metrics
 
     def load_checkpoint(self) -> bool:
-        """Resume from Ray Train's latest checkpoint, if there is one."""
-        checkpoint = ray.train.get_checkpoint()
-        if not checkpoint:
+        """Resume from Ray Train's latest checkpoint, if there is one (at any world size)."""
+        if not self.checkpoint:
             return False
-        with checkpoint.as_directory() as directory:
-            progress = read_progress(directory)
-            was = progress.get("world_size", self.world)
-            if was != self.world and self.loop.zero_stage > 0:
-                raise RuntimeError(
-                    f"ldm: the checkpoint at step {progress['step']} was written by {was} workers with "
-                    f"ldm.zero_stage={self.loop.zero_stage}, whose optimizer state is split by rank; resume it "
-                    f"with ldm.num_workers={was} (ZeRO-0 checkpoints resume at any world size). The checkpoint "
-                    f"is kept.")
-            load_checkpoint(self.engine, self.ema, directory)
+        progress = self.resumed
+        with self.checkpoint.as_directory() as directory:
+            if self.universal:
+                with self.universal_checkpoint(directory, progress["step"]) as universal:
+                    load_checkpoint(self.engine, self.ema, directory, universal)
+            else:
+                load_checkpoint(self.engine, self.ema, directory)
         self.state = TrainState(step=progress["step"], nonfinite_steps=progress.get("nonfinite_steps", 0),
-                                world_sizes=progress.get("world_sizes", [was]))
+                                world_sizes=progress.get("world_sizes", [self.written_by]))
         return True
+
+    @contextlib.contextmanager
+    def universal_checkpoint(self, directory: str, step: int):
+        """The checkpoint in `directory` as a universal one, converted once per node (by its local
+        rank 0, into this node's temporary directory) while the node's other ranks wait."""
+        out = Path(tempfile.gettempdir()) / "ldm-universal" / (
+            f"{hashlib.sha1(self.checkpoint.path.encode()).hexdigest()[:16]}-node{self.node_rank}")
+        if self.local_rank == 0:
+            seconds = to_universal(directory, str(out), workers=min(4, self.loop.threads))
+            print(f"[ldm] the step-{step} checkpoint of {self.written_by} worker(s) (ZeRO-{self.loop.zero_stage}) "
+                  f"converted to a universal one for {self.world} in {seconds:.1f} s", flush=True)
+        torch.distributed.barrier()
+        try:
+            yield str(out)
+        finally:
+            torch.distributed.barrier()
+            if self.local_rank == 0:
+                shutil.rmtree(out, ignore_errors=True)
 
     def report_metrics_and_save_checkpoint(self, metrics: dict, logger: MetricLogger | None, final: bool) -> None:
         """Checkpoint every rank's state and report it to Ray Train (with the step's metrics). The
@@ -255,6 +282,7 @@ def ldm_train_loop(config: dict) -> None:
     rank's RNG state, the EMA and the step, and the step says which batches come next.
     """
     loop: LDMLoopConfig = config["loop"]
+    began = time.time()
     trainer = Trainer(loop)
     resumed = trainer.load_checkpoint()
     if trainer.state.world_sizes[-1:] != [trainer.world]:
@@ -264,7 +292,7 @@ def ldm_train_loop(config: dict) -> None:
         print(f"[ldm] resumed from step {trainer.state.step} on {trainer.world} worker(s) "
               f"(world sizes so far: {trainer.state.world_sizes})", flush=True)
     reporter = StepReporter(loop.progress if rank0 else None)
-    reporter.started(trainer.world, trainer.state.step)
+    reporter.started(trainer.world, trainer.state.step, setup_s=time.time() - began)
     logger = None
     if rank0 and loop.run_id:
         logger = MetricLogger(loop.tracking_uri, loop.run_id, fallback_path=loop.unlogged_path, system_metrics=True)
@@ -370,7 +398,7 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
     loop = build_loop_config(cfg, latents_dir, run_id, unlogged, rows,
                              cfg.samples.prompts if prompts is None else prompts)
     loop.progress = progress_board()
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     result = fit(
         ldm_train_loop, {"loop": loop}, name=name, storage_path=storage, num_workers=workers,
         use_gpu=ldm.use_gpu, datasets=datasets, cpus_per_worker=ldm.cpus_per_worker,
@@ -401,4 +429,9 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
             "world_sizes": progress.get("world_sizes") or sorted({s["world_size"] for s in starts}),
             "bucket_batches_per_epoch": sizes["bucket_batches_per_epoch"],
             "samples_unused_per_epoch": sizes["samples_unused_per_epoch"],
-            "params": count_parameters(out_dir / "unet.safetensors")}
+            "params": count_parameters(out_dir / "unet.safetensors"),
+            # The fixed cost of the (last) start: Ray Train's worker group, then each worker's setup
+            # (DeepSpeed engine, the latents, resuming a checkpoint).
+            "startup_s": {"worker_group": round(starts[-1]["time"] - starts[-1]["setup_s"] - started_at, 2)
+                          if len(starts) == 1 else None,
+                          "worker_setup": round(starts[-1]["setup_s"], 2) if starts else None}}

@@ -1,8 +1,10 @@
 """The ldm stage's checkpoints and its exported UNet.
 
 A checkpoint directory holds DeepSpeed's state from every rank (weights, optimizer, LR schedule),
-and on rank 0 the whole EMA (of any world size's partitions: every world
-size can load it) and `progress.json` (the step, counters). The
+and on rank 0 the whole EMA (of any world size's partitions: every world size can load it) and
+`progress.json` (the step, counters, the world size that wrote it). DeepSpeed's ZeRO-1/2/3 state is
+partitioned by the ranks that wrote it: resumed at another world size, it is first converted by
+DeepSpeed's own tool (`ds_to_universal`) into a universal checkpoint, which any world size loads. The
 position in the data is the step: the global order (`pipeline.training.latents`) says what comes next,
 and each sample's randomness is a function of the step, so no generator state is kept.
 The exported UNet is the served artefact: its constructor arguments and the EMA weights, no pickles.
@@ -10,8 +12,13 @@ The exported UNet is the served artefact: its constructor arguments and the EMA 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -20,13 +27,14 @@ from pipeline.training.ema import EMA
 
 PROGRESS_FILE = "progress.json"
 EMA_FILE = "ema.safetensors"
+DEEPSPEED_TAG = "deepspeed"
 
 
 def save_checkpoint(engine, ema: EMA, progress: dict, directory: str) -> dict:
     """DeepSpeed state on every rank; the EMA and progress on rank 0. Every rank calls it
     (DeepSpeed's save and, under ZeRO-3, the EMA's gather are collectives). Returns the whole EMA
     it gathered (rank 0; {} elsewhere), for an export of the same step."""
-    engine.save_checkpoint(directory, tag="deepspeed")
+    engine.save_checkpoint(directory, tag=DEEPSPEED_TAG)
     weights = ema.full_weights()
     if ema.keep:
         save_file(weights, os.path.join(directory, EMA_FILE))
@@ -35,11 +43,40 @@ def save_checkpoint(engine, ema: EMA, progress: dict, directory: str) -> dict:
     return weights
 
 
-def load_checkpoint(engine, ema: EMA, directory: str) -> None:
-    """Restore DeepSpeed's state and the EMA (at this run's world size, whichever wrote them)."""
-    engine.load_checkpoint(directory, tag="deepspeed")
+def load_checkpoint(engine, ema: EMA, directory: str, universal_dir: str | None = None) -> None:
+    """Restore DeepSpeed's state and the EMA (at this run's world size, whichever wrote them):
+    DeepSpeed's from `universal_dir` when given (`to_universal`; the engine built to load it)."""
+    engine.load_checkpoint(universal_dir or directory, tag=DEEPSPEED_TAG)
     if ema.shadow:  # rank 0, or under ZeRO-3 every rank (its partitions)
         ema.load_full(load_file(os.path.join(directory, EMA_FILE)))
+
+
+def to_universal(directory: str, out: str, workers: int = 1) -> float:
+    """Convert the DeepSpeed state of the checkpoint in `directory` (ZeRO-partitioned by the ranks
+    that wrote it) into a universal checkpoint in `out` with DeepSpeed's `ds_to_universal`, using
+    `workers` processes; returns the seconds it took. Its step-by-step output is shown only if it fails."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    start = time.perf_counter()
+    shutil.rmtree(out, ignore_errors=True)
+    args = argparse.Namespace(input_folder=os.path.join(directory, DEEPSPEED_TAG),
+                              output_folder=os.path.join(out, DEEPSPEED_TAG), num_extract_workers=workers,
+                              num_merge_workers=workers, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # our checkpoints do not record DeepSpeed's universal info
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal.main(args)
+    except Exception as e:
+        raise RuntimeError(f"DeepSpeed's ds_to_universal could not convert the checkpoint in {directory} "
+                           f"({type(e).__name__}: {e}); its output ends:\n{log.getvalue()[-2000:]}") from e
+    return time.perf_counter() - start
+
+
+def checkpoint_progress(checkpoint) -> dict:
+    """The progress record of a Ray Train checkpoint, read from its storage without copying the rest."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{PROGRESS_FILE}") as f:
+        return json.loads(f.read())
 
 
 def read_progress(directory: str) -> dict:

@@ -30,9 +30,10 @@ class TrainingProgress:
         self.step: int | None = None
         self.last = time.monotonic()
 
-    def started(self, world_size: int, step: int, node_id: str) -> None:
-        """The worker group started (or restarted) and resumed at `step`."""
-        self.starts.append({"world_size": world_size, "step": step, "node_id": node_id, "time": time.time()})
+    def started(self, world_size: int, step: int, node_id: str, setup_s: float = 0.0) -> None:
+        """The worker group started (or restarted), set up in `setup_s` and resumed at `step`."""
+        self.starts.append({"world_size": world_size, "step": step, "node_id": node_id, "time": time.time(),
+                            "setup_s": setup_s})
         self.last = time.monotonic()
 
     def stepped(self, step: int) -> None:
@@ -59,9 +60,9 @@ class StepReporter:
         self.board = board
         self.sent = 0.0
 
-    def started(self, world_size: int, step: int) -> None:
+    def started(self, world_size: int, step: int, setup_s: float = 0.0) -> None:
         if self.board is not None:
-            ray.get(self.board.started.remote(world_size, step, ray.get_runtime_context().get_node_id()))
+            ray.get(self.board.started.remote(world_size, step, ray.get_runtime_context().get_node_id(), setup_s))
 
     def stepped(self, step: int) -> None:
         now = time.monotonic()
