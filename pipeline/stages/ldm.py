@@ -110,7 +110,8 @@ def deepspeed_config(loop: LDMLoopConfig, world_size: int, load_universal: bool 
         "train_micro_batch_size_per_gpu": loop.batch_size,
         "gradient_accumulation_steps": loop.grad_accum,
         "train_batch_size": loop.global_batch(world_size),
-        "gradient_clipping": loop.grad_clip,
+        # fp32 ZeRO-0: we clip, with the norm we log (DeepSpeed would compute it a second time).
+        "gradient_clipping": 0.0 if clips_itself(loop) else loop.grad_clip,
         "zero_optimization": {"stage": loop.zero_stage},
         "bf16": {"enabled": loop.precision == "bf16"},
         "fp16": {"enabled": loop.precision == "fp16", "initial_scale_power": 12},
@@ -120,6 +121,12 @@ def deepspeed_config(loop: LDMLoopConfig, world_size: int, load_universal: bool 
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
+
+
+def clips_itself(loop: LDMLoopConfig) -> bool:
+    """Whether the loop clips the gradients itself: fp32 ZeRO-0, where every rank holds them whole
+    after the all-reduce (elsewhere DeepSpeed's optimizer wrappers clip what they partition or scale)."""
+    return loop.zero_stage == 0 and loop.precision == "fp32"
 
 
 def setup_model_and_optimizer(loop: LDMLoopConfig, world_size: int, load_universal: bool = False):
@@ -133,11 +140,14 @@ def setup_model_and_optimizer(loop: LDMLoopConfig, world_size: int, load_univers
     torch.manual_seed(loop.seed)  # identical initial weights on every rank
     # ZeRO-3 makes a parameter whole only inside its own module's call: no fused paths.
     model = UNet(UNetConfig(**loop.unet)).use_fused_paths(loop.zero_stage != 3).to(ray.train.torch.get_device())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
+    # foreach: one kernel per step for all parameters (torch picks it by default on CUDA only).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay, foreach=True)
     warmup = max(1, loop.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(loop, world_size, load_universal))
+    if world_size == 1 and loop.zero_stage == 0:
+        engine.enable_backward_allreduce = False  # one worker: its gradients are already the mean
     return engine, scheduler
 
 
@@ -214,7 +224,7 @@ class Trainer:
             waited += wait
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary() and self.loop.zero_stage == 0:
-                norm = grad_norm(engine)
+                norm = self.clip_gradients() if clips_itself(self.loop) else grad_norm(engine)
             engine.step()
         self.state.step += 1
         self.ema.update(engine)
@@ -225,6 +235,14 @@ class Trainer:
         if norm is not None:
             metrics["grad_norm"] = float(norm)
         return metrics
+
+    def clip_gradients(self) -> float:
+        """Clip the whole gradients to `grad_clip` (0: no clipping); returns their norm before."""
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.loop.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.loop.grad_clip, norm)
+        return float(norm)
 
     def load_checkpoint(self) -> bool:
         """Resume from Ray Train's latest checkpoint, if there is one (at any world size)."""

@@ -46,12 +46,15 @@ class EMA:
 
     @torch.no_grad()
     def update(self, engine) -> None:
+        averaged, values = [], []
         for name, value in self._held(engine).items():
-            shadow = self.shadow[name]
             if value.is_floating_point():
-                shadow.lerp_(value.detach().float(), 1 - self.decay)
+                averaged.append(self.shadow[name])
+                values.append(value.detach().float())
             else:
-                shadow.copy_(value)
+                self.shadow[name].copy_(value)
+        if averaged:  # one kernel over all of them, as torch's own swa_utils does
+            torch._foreach_lerp_(averaged, values, 1 - self.decay)
 
     def full_weights(self) -> dict[str, torch.Tensor]:
         """The whole average on the CPU, contiguous, on rank 0 ({} on the others). Under ZeRO-3 a

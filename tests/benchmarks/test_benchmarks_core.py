@@ -208,3 +208,21 @@ def test_trailing_padding_changes_nothing():
     x, t = torch.randn(2, 4, 8, 8, dtype=F64), torch.tensor([3, 700])
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, padded), model(x, t, cond), rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_the_train_benchmark_times_the_same_work_on_both_sides():
+    """`benchmark.py train`: the stage (Ray Train + DeepSpeed + MLflow) and the bare loop train the
+    same UNet on the same batches and noise, so they end at the same loss; both times are reported."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "jobs/benchmark.py", "train", "--steps", "12", "--warmup", "2",
+                          "--rows", "64", "ldm.batch_size=16"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["stage_final_loss"] == pytest.approx(result["bare_final_loss"], rel=1e-4)
+    for key in ("stage_step_s", "bare_step_s", "steady_ratio", "stage_startup_s"):
+        assert result[key] > 0, key
+    assert set(result["stage_startup_parts_s"]) == {"worker_group", "worker_setup", "first_step_extra"}
