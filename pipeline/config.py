@@ -187,10 +187,12 @@ class LDMConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    """The largest global gradient norm (larger ones are scaled down to it); 0 does not clip."""
     p_uncond: float = 0.1
     """Conditioning dropout probability for classifier-free guidance (Ho & Salimans use 0.1-0.2)."""
     ema_decay: float = 0.995
     checkpoint_every: int = 500
+    """Steps between checkpoints (the last step is always checkpointed): what a failure loses."""
     keep_checkpoints: int = 2
     num_workers: int = 2
     cpus_per_worker: float = 1.0
@@ -351,23 +353,6 @@ def check_image_size(image_size: int, vq_downsample: int, preset: str, vq_key: s
                           f"times {unet} for the {preset!r} UNet of ldm.preset): try {sizes}")
 
 
-def training_buckets(data: DataConfig, multiple: int) -> list[tuple[int, int]]:
-    """The (width, height) sizes the encode stage fits images to (`data.buckets`), each side a
-    multiple of `multiple` (the VQ's downsampling times the UNet's); ConfigError naming a size that is not."""
-    from pipeline.data.buckets import bucket_table, parse_size
-
-    if data.buckets == "square":
-        return [(data.image_size, data.image_size)]
-    if data.buckets == "auto":
-        return bucket_table(data.image_size, multiple, data.max_aspect)
-    sizes = sorted({parse_size(part) for part in data.buckets.split(",")}, key=lambda s: s[0] / s[1])
-    for width, height in sizes:
-        if width % multiple or height % multiple:
-            raise ConfigError(f"data.buckets: {width}x{height} has a side that is not a multiple of {multiple} "
-                              f"(the VQ's downsampling times the UNet's)")
-    return sizes
-
-
 def _positive(section: str, **values: int) -> None:
     for name, value in values.items():
         if value <= 0:
@@ -413,19 +398,3 @@ def _describe(err: OmegaConfBaseException) -> str:
 def to_yaml(cfg) -> str:
     """Serialise a config dataclass (or one section) to YAML."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def to_flat_dict(cfg) -> dict[str, str]:
-    """Flatten a config to {'ldm.max_steps': '1500', ...} for MLflow params."""
-    flat: dict[str, str] = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, dict):
-                walk(value, name + ".")
-            else:
-                flat[name] = str(value)
-
-    walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
-    return flat

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import mlflow
+from omegaconf import OmegaConf
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -261,3 +262,19 @@ def _start_system_metrics(tracking_uri: str, run_id: str):
     except Exception as error:  # noqa: BLE001 - optional: psutil missing, or an outage at start
         print(f"[mlflow] system metrics are off: {error}", flush=True)
         return None
+
+
+def to_flat_dict(cfg) -> dict[str, str]:
+    """Flatten a config to {'ldm.max_steps': '1500', ...} for MLflow params."""
+    flat: dict[str, str] = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            else:
+                flat[name] = str(value)
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
+    return flat

@@ -20,11 +20,12 @@ from typing import Callable
 import mlflow
 from omegaconf import OmegaConf
 
-from pipeline.config import PipelineConfig, to_flat_dict, to_yaml
+from pipeline.config import PipelineConfig, to_yaml
 from pipeline.data.locate import resolve_shards, shard_fingerprints
 from pipeline.data.shards import write_demo_shards
 from pipeline.ray_runtime import init_ray, run_task
 from pipeline.stages.cache import StageResult, content_key, dir_digest, run_stage
+from pipeline.tracking import to_flat_dict
 
 RunFn = Callable[["Workflow", Path, str], dict]
 

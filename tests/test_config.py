@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import CONFIG_DIR, ConfigError, PipelineConfig, load_config, to_flat_dict
+from pipeline.config import CONFIG_DIR, ConfigError, PipelineConfig, load_config
+from pipeline.tracking import to_flat_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -123,3 +123,20 @@ def trained_sizes(buckets: dict[str, dict], global_batch: int) -> dict:
     return {"bucket_batches_per_epoch": batches,
             "samples_unused_per_epoch": sum(b["samples"] for b in buckets.values()) - global_batch * sum(batches.values()),
             "sizes": list(trained), "default_size": main_bucket(trained)}
+
+
+def training_buckets(data, multiple: int) -> list[tuple[int, int]]:
+    """The (width, height) sizes the encode stage fits images to (`data.buckets` of a `DataConfig`), each side a
+    multiple of `multiple` (the VQ's downsampling times the UNet's); ConfigError naming a size that is not."""
+    from pipeline.config import ConfigError
+
+    if data.buckets == "square":
+        return [(data.image_size, data.image_size)]
+    if data.buckets == "auto":
+        return bucket_table(data.image_size, multiple, data.max_aspect)
+    sizes = sorted({parse_size(part) for part in data.buckets.split(",")}, key=lambda s: s[0] / s[1])
+    for width, height in sizes:
+        if width % multiple or height % multiple:
+            raise ConfigError(f"data.buckets: {width}x{height} has a side that is not a multiple of {multiple} "
+                              f"(the VQ's downsampling times the UNet's)")
+    return sizes

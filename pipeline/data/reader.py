@@ -2,8 +2,9 @@
 
 The first step of the vq, clip and encode stages: shards -> rows {key, caption, image (S, S, 3)
 uint8, or (h, w, 3) at the nearest aspect-ratio bucket for the encode stage, `pipeline.data.buckets`;
-crop, the fraction of the image cut off}. A Ray Data datasource reads each shard in its own task, streaming the tar, so one bad member
-costs one sample, not a block, and rows come in blocks of hundreds rather than one by one (Ray's
+crop, the fraction of the image cut off}. A Ray Data datasource reads each shard in its own task,
+streaming the tar and decoding each sample with `pipeline.data.decode`, so one bad member costs one
+sample, not a block, and rows come in blocks of hundreds rather than one by one (Ray's
 `read_webdataset` makes a block per sample, which is slow for small images). Samples are split into
 train and held-out by a hash of their key, so the split is the same in every stage and every run.
 
@@ -31,135 +32,25 @@ with caption "" and counted as `unconditional`. Duplicate keys are detected with
 from __future__ import annotations
 
 import hashlib
-import io
-import math
-import re
 import tarfile
-import unicodedata
-import warnings
 import zlib
 from collections import Counter
 from typing import Iterator
 
 import numpy as np
 import ray
-from PIL import Image, UnidentifiedImageError
 from ray.data.block import BlockAccessor
 from ray.data.datasource import FileBasedDatasource
 
-from pipeline.data.buckets import Size, fit_to_bucket, nearest_bucket
+from pipeline.data.buckets import Size
+from pipeline.data.decode import MAX_IMAGE_PIXELS, SKIP_REASONS, SampleError, decode_caption, load_fitted
 from pipeline.data.images import ragged
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-# The decoders tried, whatever the extension says (PNG bytes under .jpg are common in scraped data);
-# anything else (GIF, BMP, TIFF, ...) is `not_an_image`, which also keeps PIL's rarer parsers away
-# from untrusted bytes.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 # Rows per output block: large enough to amortise Ray's per-block cost, small enough to stream.
 ROWS_PER_BLOCK = 256
-# Decompression-bomb guard (data.max_image_pixels): PIL's own default warning threshold, 89.5 MP.
-MAX_IMAGE_PIXELS = 89_478_485
-
-SKIP_REASONS = (
-    "corrupt_image",
-    "zero_byte",
-    "not_an_image",
-    "too_many_pixels",
-    "missing_image",
-    "caption_not_utf8",
-    "missing_caption",
-    "truncated_tar",
-    "out_of_order",
-    "duplicate_key",
-)
-
-
-class SampleError(ValueError):
-    """A sample that cannot be used; `reason` is one of SKIP_REASONS."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
 class TruncatedTar(Exception):
     """The tar stream ended before its end-of-archive marker, or is not a tar."""
-
-
-def clean_caption(text: str) -> str:
-    """Unicode NFC, strip, collapse runs of whitespace."""
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip()
-
-
-def decode_caption(data: bytes) -> str:
-    """Caption bytes -> clean text ("" for an unconditional sample); SampleError if not UTF-8."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise SampleError("caption_not_utf8", str(err)) from None
-    return clean_caption(text.replace("\ufeff", " "))  # a byte-order mark is not part of the text
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB; transparent pixels become white (dropping alpha would show arbitrary colours)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def load_image(data: bytes, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Decode JPEG/PNG/WebP bytes, resize the shorter side to `image_size`, center-crop: (S, S, 3) uint8."""
-    return load_fitted(data, [(image_size, image_size)], max_pixels)[0]
-
-
-def load_fitted(data: bytes, sizes: list[Size], max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, float]:
-    """Decode JPEG/PNG/WebP bytes into the size of `sizes` ((width, height) buckets) nearest the
-    image's aspect: the centred box of that aspect, resized in one pass.
-
-    Returns ((h, w, 3) uint8, the fraction of the image's pixels cropped off); raises SampleError
-    (zero_byte, not_an_image, too_many_pixels, corrupt_image). The pixel limit is checked on the
-    header, before any pixel is decoded.
-    """
-    if not data:
-        raise SampleError("zero_byte")
-    with warnings.catch_warnings():
-        # PIL warns above its own limit and refuses above twice that; `max_pixels` decides here.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-        except Image.DecompressionBombError as err:
-            raise SampleError("too_many_pixels", str(err)) from None
-        except UnidentifiedImageError:
-            raise SampleError("not_an_image") from None
-        except Exception as err:  # noqa: BLE001 - a recognised format with a broken header
-            raise SampleError("corrupt_image", f"{type(err).__name__}: {err}") from None
-    with img:
-        w, h = img.size
-        if w * h > max_pixels:
-            raise SampleError("too_many_pixels", f"{w}x{h} is over {max_pixels} pixels")
-        if min(w, h) < 1:
-            raise SampleError("corrupt_image", f"size {w}x{h}")
-        bucket = nearest_bucket(w, h, sizes)
-        crop = fit_to_bucket(w, h, bucket).crop
-        try:
-            if (w, h) != bucket:
-                # JPEG: decode at the smallest DCT scale still >= the target (much faster on photos).
-                scale = max(bucket[0] / w, bucket[1] / h)
-                img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-            rgb = _to_rgb(img)
-            if rgb.size != bucket:
-                # The decoded size may be a DCT scale of the original: the box is taken from it.
-                box = fit_to_bucket(*rgb.size, bucket).box
-                rgb = rgb.resize(bucket, Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
-            return np.asarray(rgb, dtype=np.uint8), crop
-        except SampleError:
-            raise
-        except Exception as err:  # noqa: BLE001 - truncated or corrupt pixel data
-            raise SampleError("corrupt_image", f"{type(err).__name__}: {err}") from None
 
 
 def is_heldout(key: str, fraction: float) -> bool:

@@ -48,6 +48,7 @@ class TinyClipConfig:
     """A small CLIP for CPU training; sizes follow open_clip's CLIPVisionCfg/CLIPTextCfg."""
 
     image_size: int = 32
+    """The side of the square images the vision tower sees (the pipeline's `data.image_size`)."""
     patch_size: int = 4
     context_length: int = 16
     width: int = 128

@@ -33,8 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.conditioning import Conditioning
-from pipeline.config import PipelineConfig, training_buckets
-from pipeline.data.buckets import parse_size, size_name
+from pipeline.config import PipelineConfig
+from pipeline.data.buckets import parse_size, size_name, training_buckets
 from pipeline.data.images import images_to_tensor, ragged
 from pipeline.data.reader import counts_summary, read_captioned_images, read_shard_counts, sum_counts
 from pipeline.models.text import TextEncoder, truncation

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import ConfigError, load_config, training_buckets
-from pipeline.data.buckets import bucket_table, fit_to_bucket, max_crop, nearest_bucket, trained_sizes
-from pipeline.data.reader import load_fitted, load_image
+from pipeline.config import ConfigError, load_config
+from pipeline.data.buckets import bucket_table, fit_to_bucket, max_crop, nearest_bucket, trained_sizes, training_buckets
+from pipeline.data.decode import load_fitted, load_image
 
 
 def test_the_table_has_about_equal_pixels_multiples_of_what_the_models_need_and_both_orientations():

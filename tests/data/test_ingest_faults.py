@@ -19,14 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.reader import (
-    SKIP_REASONS,
-    SampleError,
-    counts_summary,
-    load_image,
-    new_counts,
-    parse_shard,
-)
+from pipeline.data.decode import SKIP_REASONS, SampleError, load_image
+from pipeline.data.reader import counts_summary, new_counts, parse_shard
 
 IMAGE_SIZE = 16
 
