@@ -18,8 +18,13 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 
+# The experiment tag the MLflow UI reads to choose between its model-training and GenAI views.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def setup_experiment(tracking_uri: str, experiment_name: str, workdir: str | Path) -> str:
-    """Point MLflow at the tracking URI and return the experiment id, creating it if needed.
+    """Point MLflow at the tracking URI and return the experiment id, creating it if needed (marked
+    as a model-training experiment unless it has a kind already).
 
     With a local store (SQLite or files) the experiment's artifacts go under the workdir rather
     than under whatever directory the job happened to start in.
@@ -42,6 +47,9 @@ def setup_experiment(tracking_uri: str, experiment_name: str, workdir: str | Pat
             experiment_id = experiment.experiment_id
     else:
         experiment_id = experiment.experiment_id
+    if EXPERIMENT_KIND_TAG not in (experiment.tags if experiment else {}):
+        # The MLflow UI opens an experiment of no kind in its GenAI mode (traces, no metric charts).
+        MlflowClient(tracking_uri).set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

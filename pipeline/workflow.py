@@ -13,6 +13,7 @@ and per stage {status, seconds, metrics}.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, is_dataclass
 from pathlib import Path
 from typing import Callable
@@ -51,6 +52,9 @@ class Stage:
     decide together that does change the result is, as a `derived` value."""
     derived: tuple[tuple[str, Callable[[PipelineConfig], object]], ...] = ()
     """(name, function of the config) pairs whose values are in the key."""
+    headline: tuple[str, ...] = ()
+    """Its metrics (names, or patterns that match whole names) that the workflow run carries too, as
+    `<stage>.<metric>`, with `<stage>.seconds`: the columns two workflow runs compare by in the MLflow UI."""
 
 
 # Config the results do not depend on (where things run, how they are tracked and served), and why.
@@ -114,15 +118,17 @@ def global_batch(ldm) -> int:
 STAGES = (
     Stage("shards", ("data.demo_num_samples", "data.image_size", "data.demo_shard_size", "seed"), (), _demo_shards,
           only_if=lambda cfg: not cfg.data.shards),
-    Stage("vq", ("vq", "data", "seed"), ("shards",), _vq, by_content=True),
-    Stage("clip", ("clip", "data", "seed"), ("shards",), _clip, by_content=True),
-    Stage("encode", ("encode", "data"), ("shards", "vq", "clip"), _encode),
+    Stage("vq", ("vq", "data", "seed"), ("shards",), _vq, by_content=True, headline=("psnr", "codebook_usage")),
+    Stage("clip", ("clip", "data", "seed"), ("shards",), _clip, by_content=True, headline=("retrieval_top1",)),
+    Stage("encode", ("encode", "data"), ("shards", "vq", "clip"), _encode, headline=("samples", "crop_mean")),
     # The samples stage's sampling settings are baked into the package as its defaults.
     # The world size and the micro batch are layout: a failed run resumes on more or fewer workers
     # (ZeRO-0), with the same global batch and so the same samples in the same order.
     Stage("ldm", ("ldm", "seed", "samples.guidance_scale", "samples.steps", "samples.sampler"), ("encode",), _ldm,
-          layout=LDM_LAYOUT, derived=(("ldm.global_batch", lambda cfg: global_batch(cfg.ldm)),)),
-    Stage("samples", ("samples",), ("ldm", "prompts"), _samples),
+          layout=LDM_LAYOUT, derived=(("ldm.global_batch", lambda cfg: global_batch(cfg.ldm)),),
+          headline=("final_loss", "train_img_per_s")),
+    Stage("samples", ("samples",), ("ldm", "prompts"), _samples,
+          headline=(r"adherence_g[\d.]+", r"grid_adherence_g[\d.]+")),  # at each guidance scale
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
@@ -161,6 +167,14 @@ def _numeric_metrics(metrics: dict) -> dict:
         elif isinstance(value, (int, float)):
             numeric[name] = value
     return numeric
+
+
+def headline_metrics(stage: Stage, result: StageResult) -> dict:
+    """What the workflow run carries of a stage: its headline metrics (those it has) and its time."""
+    numeric = _numeric_metrics(result.metrics)
+    return {f"{stage.name}.seconds": result.seconds,
+            **{f"{stage.name}.{name}": value for name, value in numeric.items()
+               if any(re.fullmatch(pattern, name) for pattern in stage.headline)}}
 
 
 class Workflow:
@@ -217,6 +231,7 @@ class Workflow:
                 if not stage.only_if(cfg):
                     continue
                 result = self._run(stage)
+                mlflow.log_metrics(headline_metrics(stage, result))  # on the workflow run
                 if stage.name == "shards":
                     self._found_shards(resolve_shards(str(result.output)))
                 if stage.name == self.until:

@@ -110,3 +110,17 @@ def test_the_ldm_key_holds_the_global_batch_not_the_world_size_or_the_micro_batc
     assert key(2, 32) == key(1, 64) == key(4, 16) == key(2, 16, 2) == key(2, 32, cpus=4)
     assert key(2, 32) != key(2, 64) and key(2, 32) != key(1, 32)
     assert all(path in FIELDS for path in ldm.layout)
+
+
+def test_the_workflow_run_carries_each_stages_time_and_headline_figures_at_any_guidance_scale():
+    from pathlib import Path
+
+    from pipeline.stages.cache import StageResult
+    from pipeline.workflow import headline_metrics
+
+    samples = StageResult("samples", "k", Path("."), "ran", 12.5, {
+        "images": 32, "adherence_g5": 0.9, "adherence_g5_shape": 1.0, "grid_adherence_g5": 0.75, "img_per_s": 4.0})
+    assert headline_metrics(STAGE_BY_NAME["samples"], samples) == {
+        "samples.seconds": 12.5, "samples.adherence_g5": 0.9, "samples.grid_adherence_g5": 0.75}
+    vq = StageResult("vq", "k", Path("."), "cached", 0.1, {"psnr": 30.5, "model_version": 3})  # no codebook usage
+    assert headline_metrics(STAGE_BY_NAME["vq"], vq) == {"vq.seconds": 0.1, "vq.psnr": 30.5}

@@ -14,3 +14,13 @@ def test_a_second_workflow_in_one_process_registers_in_its_own_store(tmp_path):
     mlflow.MlflowClient().create_registered_model("m")
     assert [m.name for m in mlflow.MlflowClient(second, second).search_registered_models()] == ["m"]
     assert mlflow.MlflowClient(first, first).search_registered_models() == []
+
+
+def test_the_experiment_opens_in_the_model_training_view_unless_its_kind_is_set(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    created = setup_experiment(uri, "ours", tmp_path)
+    assert client.get_experiment(created).tags["mlflow.experimentKind"] == "custom_model_development"
+    theirs = client.create_experiment("theirs", tags={"mlflow.experimentKind": "genai_development"})
+    assert setup_experiment(uri, "theirs", tmp_path) == theirs
+    assert client.get_experiment(theirs).tags["mlflow.experimentKind"] == "genai_development"

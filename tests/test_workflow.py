@@ -105,6 +105,23 @@ def test_mlflow_has_a_parent_run_a_child_per_stage_and_the_registered_model(demo
     assert "samples/grid.png" in artifacts
 
 
+def test_the_workflow_run_carries_its_stages_headline_figures_in_a_model_training_experiment(demo_run):
+    """Two workflow runs compare at the top level of the MLflow UI: their stages' figures are
+    columns of the workflow run, and the experiment opens in the model-training view."""
+    _, _, summary = demo_run
+    client = MlflowClient(summary["tracking_uri"])
+    parent = client.get_run(summary["mlflow_run_id"]).data.metrics
+    stages = summary["stages"]
+    for name, stage in stages.items():
+        assert parent[f"{name}.seconds"] == pytest.approx(stage["seconds"]), name
+    for name, metric in [("vq", "psnr"), ("vq", "codebook_usage"), ("clip", "retrieval_top1"), ("encode", "samples"),
+                         ("ldm", "final_loss"), ("ldm", "train_img_per_s"), ("samples", "adherence_g3"),
+                         ("samples", "adherence_g1"), ("samples", "grid_adherence_g3")]:
+        assert parent[f"{name}.{metric}"] == pytest.approx(stages[name]["metrics"][metric]), (name, metric)
+    experiment = client.get_experiment(summary["mlflow_experiment_id"])
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_vq_and_clip_are_registered_and_reload_by_uri(demo_run):
     import base64
     import io
