@@ -172,7 +172,7 @@ def _numeric_metrics(metrics: dict) -> dict:
 def headline_metrics(stage: Stage, result: StageResult) -> dict:
     """What the workflow run carries of a stage: its headline metrics (those it has) and its time."""
     numeric = _numeric_metrics(result.metrics)
-    return {f"{stage.name}.seconds": result.seconds,
+    return {f"{stage.name}.seconds": round(result.seconds, 3),  # as summary.json has it
             **{f"{stage.name}.{name}": value for name, value in numeric.items()
                if any(re.fullmatch(pattern, name) for pattern in stage.headline)}}
 
