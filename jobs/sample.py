@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, SamplingDefaults, load_config
+from pipeline.data.buckets import size_name
 from pipeline.sample_client import ensure_app, generate_to_dir, health
 
 
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     try:
         info = health(base_url) or {}
         defaults = SamplingDefaults.of(info.get("defaults"))
-        if size and "sizes" in info and f"{size[0]}x{size[1]}" not in info["sizes"]:
+        if size and "sizes" in info and size_name(size) not in info["sizes"]:
             print(f"error: --width {size[0]} --height {size[1]}: the model samples at {', '.join(info['sizes'])} "
                   f"(width x height)", file=sys.stderr)
             return 2

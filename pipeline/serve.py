@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from pipeline.config import ServeConfig
+from pipeline.data.buckets import size_name
 from pipeline.model_package import GenerationRequest, PipelineModel, png_bytes, resolve_model_version
 from pipeline.serve_requests import (  # noqa: F401 - the request API, importable from here too
     KNOWN_FIELDS, LIMITS, MAX_BODY_BYTES, MAX_PROMPT_CHARS, GenerateParams, RequestError, validate)
@@ -248,8 +249,8 @@ class Ingress:
         except Exception as err:  # noqa: BLE001 - unhealthy, whatever the cause
             return JSONResponse({"status": "unavailable", "error": f"{type(err).__name__}: {err}"}, 503)
         return JSONResponse({"status": "ok", "model": info["model_uri"], "model_version": info["model_version"],
-                             "defaults": info["defaults"], "sizes": [f"{w}x{h}" for w, h in info["sizes"]],
-                             "default_size": "{}x{}".format(*info["default_size"])}, headers={"X-Model-Version": info["model_version"]})
+                             "defaults": info["defaults"], "sizes": [size_name(size) for size in info["sizes"]],
+                             "default_size": size_name(info["default_size"])}, headers={"X-Model-Version": info["model_version"]})
 
     @api.get("/metrics")
     async def metrics(self, request: Request):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import SamplingDefaults
+from pipeline.data.buckets import size_name
 from pipeline.sampling import SAMPLERS
 
 LIMITS = {"guidance_scale": (0.0, 30.0), "steps": (1, 1000), "num_images": (1, 16)}
@@ -86,8 +87,8 @@ def validate(body, defaults: dict, max_steps: int = LIMITS["steps"][1],
                 raise RequestError(name, "must be an integer")
         size = (body["width"], body["height"])
         if sizes is not None and size not in [tuple(s) for s in sizes]:
-            allowed = ", ".join(f"{w}x{h}" for w, h in sizes)
-            raise RequestError("width", f"{size[0]}x{size[1]} is not a size this model samples at; "
+            allowed = ", ".join(size_name(s) for s in sizes)
+            raise RequestError("width", f"{size_name(size)} is not a size this model samples at; "
                                         f"its sizes (width x height): {allowed}", status=422)
     return GenerateParams(
         size=size,

@@ -24,7 +24,7 @@ from pipeline.data.buckets import latent_buckets, main_bucket, trained_sizes
 from pipeline.models.unet import unet_config
 from pipeline.ray_runtime import check_cpus_left_for_streaming, fit
 from pipeline.tracking import replay_when_back
-from pipeline.training.checkpoint import count_parameters
+from pipeline.training.checkpoint import count_parameters, read_progress
 from pipeline.training.faults import FaultInjection
 from pipeline.training.first_stage import fit_batch_size
 from pipeline.training.grids import GridConfig
@@ -122,7 +122,7 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
             if not (Path(directory) / name_).is_file():
                 raise RuntimeError(f"final ldm checkpoint {result.checkpoint.path} has no {name_}")
             (out_dir / name_).write_bytes((Path(directory) / name_).read_bytes())
-        progress = json.loads((Path(directory) / "progress.json").read_text())
+        progress = read_progress(directory)
     global_batch = loop.global_batch(workers)
     sizes = trained_sizes(buckets, global_batch)
     (out_dir / "sizes.json").write_text(json.dumps({"sizes": sizes["sizes"], "default_size": sizes["default_size"]}))
