@@ -47,6 +47,9 @@ def test_defaults_are_the_demo_and_overrides_apply():
     ("workdir=s3://ldm/work", "workdir='s3://ldm/work' must be a filesystem path"),
     ("ldm.stall_timeout_s=-1", "ldm.stall_timeout_s"),
     ("vq.eval_batch_size=0", "vq.eval_batch_size"),
+    ("evaluate.guidance_scales=[]", "evaluate.guidance_scales"),
+    ("evaluate.num_images=0", "evaluate.num_images"),
+    ("promote.alias=candidate", "promote.alias and mlflow.alias are both 'candidate'"),
 ])
 def test_bad_overrides_name_the_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
@@ -66,6 +69,14 @@ def test_flat_dict_has_every_leaf():
     flat = to_flat_dict(load_config())
     assert flat["ldm.schedule.num_train_timesteps"] == "1000"
     assert "mlflow.experiment_name" in flat
+
+
+def test_force_promote_is_a_flag_of_the_jobs():
+    from pipeline.cli import parse_job_args
+
+    assert parse_job_args("train", ["ldm.max_steps=3"]).promote.force is False
+    forced = parse_job_args("train", ["ldm.max_steps=3", "--force-promote"])
+    assert forced.promote.force is True and forced.ldm.max_steps == 3
 
 
 def test_job_rejects_a_bad_key_before_any_work(tmp_path):

@@ -29,7 +29,7 @@ def changed(value):
     if isinstance(value, str):
         return value + "-other"
     if isinstance(value, list):
-        return [*value, "another prompt"]
+        return [*value, 7.0 if value and isinstance(value[0], (int, float)) else "another prompt"]
     raise TypeError(f"no changed value for {value!r}: extend the test")
 
 

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 @dataclass
 class VQArchitecture:
-    """The architecture fields a user chooses: the vq stage's config (`pipeline.config.VQConfig`)
+    """The architecture fields a user chooses: the vq stage's config (`pipeline.config.training.VQConfig`)
     and a saved model's `VQModelConfig` both are one, so each field is declared here only."""
 
     hidden_channels: int = 64

@@ -1,39 +1,13 @@
-"""Typed configuration: one dataclass per stage, loaded from YAML with dotted `key=value` overrides.
-
-Every job parses its config here before any work starts, so an unknown key or a wrongly typed value
-fails fast with a `ConfigError` naming the key. Each stage's section is part of that stage's cache
-key (`section_yaml`) and is logged to MLflow verbatim.
-"""
+"""The sections of the stages that make a model: data, vq, clip, encode, ldm (and where it is tracked)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
+from pipeline.config.errors import ConfigError
+from pipeline.config.errors import positive as _positive
 from pipeline.diffusion import ScheduleConfig
 from pipeline.models.vq import VQArchitecture
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
-
-DEMO_PROMPTS = [
-    "a red circle on the left",
-    "a blue square on the right",
-    "a green triangle at the top",
-    "a yellow circle at the bottom",
-    "a blue triangle on the left",
-    "a red square at the top",
-    "a yellow triangle on the right",
-    "a green circle at the bottom",
-]
-
-
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the key."""
 
 
 @dataclass
@@ -248,97 +222,6 @@ class LDMConfig:
             raise ConfigError(f"ldm.stall_timeout_s must be >= 0 (0: wait forever), got {self.stall_timeout_s}")
 
 
-@dataclass(frozen=True)
-class SamplingDefaults:
-    """How a model samples when a request does not say: the one place these values are spelled.
-    The samples stage's settings are written into each package as its own defaults (model.json)."""
-
-    guidance_scale: float = 3.0
-    steps: int = 50
-    sampler: str = "ddim"
-
-    @classmethod
-    def of(cls, given: dict | None) -> dict:
-        """A package's `sampling` map with every key, the missing ones from here."""
-        base = cls()
-        return {name: (given or {}).get(name, getattr(base, name)) for name in ("guidance_scale", "steps", "sampler")}
-
-
-@dataclass
-class SamplesConfig:
-    prompts: list[str] = field(default_factory=lambda: list(DEMO_PROMPTS))
-    """The prompts of the samples stage's grid (and the ldm stage's in-training grids). Empty, with
-    no `prompts_file`: the first `heldout_prompts` captions of the held-out split."""
-    prompts_file: str = ""
-    """A UTF-8 file with one prompt per line (on shared storage on a cluster); replaces `prompts`."""
-    heldout_prompts: int = 16
-    """How many held-out captions to sample when neither `prompts` nor `prompts_file` is given."""
-    guidance_scale: float = SamplingDefaults.guidance_scale
-    steps: int = SamplingDefaults.steps
-    sampler: str = SamplingDefaults.sampler
-    seed: int = 0
-    num_per_prompt: int = 4
-    adherence_images: int = 120
-    """Demo data only: how many images (cycling through every shape x colour x position, seeds from
-    `seed`) to generate at guidance scales 1 and `guidance_scale` for `adherence_g1` /
-    `adherence_g<scale>`. 0 turns the evaluation off."""
-
-
-@dataclass
-class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.05
-    """How long the sampler waits to fill a batch; small against a sampling call's seconds."""
-    num_cpus: float = 2
-    """CPUs (and torch threads) of the sampler replica; the demo machine has 2."""
-    num_gpus: float = 0
-    start_timeout_s: float = 600.0
-    """How long a job waits for the Serve app it starts to answer (the replica placed and its
-    model loaded) before it stops with an error saying what Serve reports."""
-
-
-@dataclass
-class PipelineConfig:
-    workdir: str = "work"
-    """All outputs (shards, stage outputs, MLflow store, samples) go under it: a local path, or on
-    a cluster a volume every node mounts (stage outputs are renamed into place and locked, which
-    object stores cannot do; they hold the shards, checkpoints and MLflow artifacts instead)."""
-    seed: int = 0
-    ray_address: str = ""
-    """Ray cluster to join. Empty: RAY_ADDRESS if set, else a local Ray instance."""
-    data: DataConfig = field(default_factory=DataConfig)
-    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
-    vq: VQConfig = field(default_factory=VQConfig)
-    clip: ClipConfig = field(default_factory=ClipConfig)
-    encode: EncodeConfig = field(default_factory=EncodeConfig)
-    ldm: LDMConfig = field(default_factory=LDMConfig)
-    samples: SamplesConfig = field(default_factory=SamplesConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
-
-    def __post_init__(self):
-        from pipeline.models.unet import UNET_PRESETS
-
-        if "://" in self.workdir:
-            raise ConfigError(
-                f"workdir={self.workdir!r} must be a filesystem path (on a cluster, a volume every node mounts, e.g. "
-                f"/mnt/work): stage outputs are renamed into place and locked, which an object store cannot do. Keep "
-                f"shards, checkpoints and artifacts there instead: data.shards=s3://..., ldm.storage_path=s3://..., "
-                f"and an MLflow server with an S3 artifact store (mlflow.tracking_uri)")
-        if self.ldm.preset not in UNET_PRESETS:
-            raise ConfigError(f"ldm.preset must be one of {sorted(UNET_PRESETS)}, got {self.ldm.preset!r}")
-        if not self.vq.pretrained:  # a pretrained VQ's downsampling is checked when the vq stage loads it
-            check_image_size(self.data.image_size, self.vq.downsample, self.ldm.preset)
-
-    @property
-    def tracking_uri(self) -> str:
-        """The MLflow tracking URI, defaulting to a SQLite store under the workdir."""
-        if self.mlflow.tracking_uri:
-            return self.mlflow.tracking_uri
-        return f"sqlite:///{Path(self.workdir).resolve() / 'mlflow.db'}"
-
-
 def check_image_size(image_size: int, vq_downsample: int, preset: str, vq_key: str = "vq.downsample") -> None:
     """Images must shrink to latents that the UNet halves at each level: `image_size` a multiple of
     the VQ's downsampling times the UNet's. Checked before any work, not at the ldm stage's first step."""
@@ -352,49 +235,3 @@ def check_image_size(image_size: int, vq_downsample: int, preset: str, vq_key: s
         raise ConfigError(f"data.image_size={image_size} must be a multiple of {factor} ({vq_key}={vq_downsample} "
                           f"times {unet} for the {preset!r} UNet of ldm.preset): try {sizes}")
 
-
-def _positive(section: str, **values: int) -> None:
-    for name, value in values.items():
-        if value <= 0:
-            raise ConfigError(f"{section}.{name} must be > 0, got {value}")
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Load a YAML config (default: jobs/configs/demo.yaml) and apply dotted `key=value` overrides.
-
-    Raises ConfigError naming the key for an unknown key, a wrongly typed value, a malformed
-    override, or a value that fails a section's validation.
-    """
-    path = Path(path) if path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    overrides = list(overrides or [])
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-    merged = OmegaConf.structured(PipelineConfig)
-    try:
-        merged = OmegaConf.merge(merged, OmegaConf.load(path))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{path}: {_describe(err)}") from None
-    try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"override: {_describe(err)}") from None
-    try:
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(_describe(err)) from None
-    except ValueError as err:  # a section's __post_init__ validation
-        raise ConfigError(str(err)) from None
-
-
-def _describe(err: OmegaConfBaseException) -> str:
-    key = getattr(err, "full_key", None)
-    msg = str(err).splitlines()[0]
-    return f"key '{key}': {msg}" if key else msg
-
-
-def to_yaml(cfg) -> str:
-    """Serialise a config dataclass (or one section) to YAML."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
