@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from pipeline.conditioning import Conditioning
 from pipeline.config import SamplingDefaults
 from pipeline.data.buckets import Size, parse_size, size_name
-from pipeline.data.images import tensor_to_images, tile
+from pipeline.data.images import captioned_tile, tensor_to_images
 from pipeline.diffusion import NoiseSchedule
 from pipeline.models.text import TextEncoder
 from pipeline.models.unet import UNet, UNetConfig
@@ -80,8 +80,9 @@ def is_model_uri(text: str) -> bool:
 
 
 def resolve_model_uri(model_uri: str, tracking_uri: str | None = None,
-                      required: tuple[str, ...] = ("model.json", "unet.safetensors")) -> Path:
-    """A local directory as is; an MLflow URI (models:/..., runs:/...) downloaded, then located.
+                      required: tuple[str, ...] = ("model.json", "unet.safetensors"), dst_path: str | None = None) -> Path:
+    """A local directory as is; an MLflow URI (models:/..., runs:/...) downloaded (into `dst_path`,
+    default a temporary directory), then located.
 
     The model directory is the first of the directory itself and its MLflow artefacts that holds
     every file in `required` (default: a pipeline model's).
@@ -96,7 +97,7 @@ def resolve_model_uri(model_uri: str, tracking_uri: str | None = None,
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
-    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path))
     return find_package_dir(downloaded, required)
 
 
@@ -267,8 +268,8 @@ class PipelineModel:
         return list(tensor_to_images(images))
 
     def grid(self, requests: list[GenerationRequest], steps: int, sampler: str, ncol: int = 0) -> np.ndarray:
-        """`generate`'s images tiled into one near-square picture (uint8), row by row."""
-        return tile(self.generate(requests, steps, sampler), ncol)
+        """`generate`'s images tiled into one near-square picture (uint8), row by row, each with its prompt."""
+        return captioned_tile(self.generate(requests, steps, sampler), [r.prompt for r in requests], ncol)
 
 
 class FixedRowsUNet:

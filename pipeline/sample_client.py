@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.config import ServeConfig
+from pipeline.data.images import grid_columns
 
 SERVE_APP_NAME = "ldm"
 HTTP_TIMEOUT_S = 600
@@ -155,16 +156,18 @@ def generate_to_dir(prompts: list[str], out_dir: str | Path, *, base_url: str, g
     with open(out_dir / "manifest.jsonl", "w") as f:
         for record in records:
             f.write(json.dumps({k: v for k, v in asdict(record).items() if v is not None}) + "\n")
-    write_grid([out_dir / r.file for r in records], out_dir / "grid.png", ncol=num_per_prompt if num_per_prompt > 1 else 0)
+    write_grid([out_dir / r.file for r in records], out_dir / "grid.png", [r.prompt for r in records],
+               ncol=grid_columns(len(prompts), num_per_prompt))
     return records
 
 
-def write_grid(files: list[Path], path: Path, ncol: int) -> None:
-    """Tile images row by row (one row per prompt when ncol = images per prompt; 0: near-square)."""
+def write_grid(files: list[Path], path: Path, captions: list[str], ncol: int) -> None:
+    """Tile images row by row, each with its prompt under it (`ncol` a row, 0: near-square)."""
     import numpy as np
     from PIL import Image
 
-    from pipeline.data.images import tile
+    from pipeline.data.images import captioned_tile
 
     if files:
-        Image.fromarray(tile([np.asarray(Image.open(f).convert("RGB")) for f in files], ncol)).save(path)
+        Image.fromarray(captioned_tile([np.asarray(Image.open(f).convert("RGB")) for f in files], captions,
+                                       ncol)).save(path)

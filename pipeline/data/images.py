@@ -5,7 +5,12 @@ No Ray here: the served model (and its MLflow pyfunc) converts images without im
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 def images_to_tensor(images) -> "torch.Tensor":
@@ -51,3 +56,47 @@ def tile(images: list[np.ndarray], ncol: int = 0, pad: int = 2, min_side: int = 
         grid[pad + r * (th + pad):pad + r * (th + pad) + th, pad + c * (tw + pad):pad + c * (tw + pad) + tw] = \
             image.repeat(scale, axis=0).repeat(scale, axis=1)
     return grid
+
+
+def captioned_tile(images: list[np.ndarray], captions: list[str], ncol: int = 0, min_side: int = 128,
+                   font_size: int = 12) -> np.ndarray:
+    """`tile` with each image's caption written under it (wrapped to the tile's width): a grid
+    people read at a glance, the prompt beside what it gave."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if len(captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    grid = tile(images, ncol, pad=0, min_side=min_side)
+    ncol = ncol or int(np.ceil(np.sqrt(len(images))))
+    rows = -(-len(images) // ncol)
+    th, tw = grid.shape[0] // rows, grid.shape[1] // ncol
+    font = ImageFont.load_default(size=font_size)
+    chars = max(8, int(tw / (0.55 * font_size)))
+    wrapped = [_wrap(caption, chars) for caption in captions]
+    band = (max(len(lines) for lines in wrapped) * (font_size + 2)) + 6
+    pad = 4
+    canvas = Image.new("RGB", (ncol * (tw + pad) + pad, rows * (th + band + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, lines in enumerate(wrapped):
+        r, c = divmod(i, ncol)
+        x, y = pad + c * (tw + pad), pad + r * (th + band + pad)
+        canvas.paste(Image.fromarray(grid[r * th:(r + 1) * th, c * tw:(c + 1) * tw]), (x, y))
+        for j, line in enumerate(lines):
+            draw.text((x + 2, y + th + 3 + j * (font_size + 2)), line, fill=(20, 20, 20), font=font)
+    return np.asarray(canvas)
+
+
+def _wrap(text: str, width: int, max_lines: int = 3) -> list[str]:
+    import textwrap
+
+    lines = textwrap.wrap(text, width) or [""]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][:max(0, width - 1)] + "…"
+    return lines
+
+
+def grid_columns(prompts: int, per_prompt: int) -> int:
+    """Columns of a near-square grid that keeps each prompt's images side by side in one row."""
+    per_prompt = max(1, per_prompt)
+    return per_prompt * max(1, int(np.ceil(np.sqrt(prompts / per_prompt))))
