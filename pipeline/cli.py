@@ -12,14 +12,25 @@ import sys
 from pipeline.config import ConfigError, PipelineConfig, load_config
 
 
-def parse_job_args(description: str, argv: list[str] | None = None) -> PipelineConfig:
-    """Parse `[--config FILE] [key=value ...]` into a validated PipelineConfig (or exit 2)."""
+def job_parser(description: str) -> argparse.ArgumentParser:
+    """`[--config FILE] [--force-promote] [key=value ...]`; jobs add their own options to it."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=None, help="YAML config (default: jobs/configs/demo.yaml)")
+    parser.add_argument("--force-promote", action="store_true",
+                        help="the new model version takes promote.alias whatever its evaluation says (promote.force)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_job_args(description: str, argv: list[str] | None = None,
+                   parser: argparse.ArgumentParser | None = None) -> PipelineConfig:
+    """Parse `[--config FILE] [--force-promote] [key=value ...]` into a validated PipelineConfig (or exit 2);
+    `parser`: `job_parser`'s with the job's own options (read them with `parser.parse_intermixed_args`)."""
+    parser = parser or job_parser(description)
+    args = parser.parse_intermixed_args(argv)
+    overrides = list(args.overrides) + (["promote.force=true"] if args.force_promote else [])
     try:
-        return load_config(args.config, args.overrides)
+        return load_config(args.config, overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

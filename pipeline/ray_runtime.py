@@ -68,6 +68,12 @@ def run_task(fn: Callable, *args, num_cpus: float = 1.0, num_gpus: float = 0.0, 
     no CPU for work and would be killed for the memory. torch runs `num_cpus` threads in the task.
     A task that waits longer than TASK_REPORT_S says so, with what Ray is waiting for.
     """
+    return run_tasks(fn, [(args, kwargs)], num_cpus=num_cpus, num_gpus=num_gpus)[0]
+
+
+def run_tasks(fn: Callable, calls: list[tuple[tuple, dict]], num_cpus: float = 1.0, num_gpus: float = 0.0) -> list:
+    """`run_task` for several `(args, kwargs)` calls of `fn` at once (they run side by side where
+    the cluster has the resources); their results in order."""
     from pipeline.training.progress import pending_demands
 
     threads = max(1, int(num_cpus))
@@ -77,11 +83,11 @@ def run_task(fn: Callable, *args, num_cpus: float = 1.0, num_gpus: float = 0.0, 
         return fn(*a, **k)
 
     task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)(call).options(name=fn.__name__)
-    ref, start = task.remote(*args, **kwargs), time.monotonic()
-    while not ray.wait([ref], timeout=TASK_REPORT_S)[0]:
-        print(f"[{fn.__name__}] still running or waiting after {time.monotonic() - start:.0f} s (needs "
+    refs, start = [task.remote(*args, **kwargs) for args, kwargs in calls], time.monotonic()
+    while len(ray.wait(refs, num_returns=len(refs), timeout=TASK_REPORT_S)[0]) < len(refs):
+        print(f"[{fn.__name__}] still running or waiting after {time.monotonic() - start:.0f} s (each needs "
               f"{num_cpus:g} CPU, {num_gpus:g} GPU); Ray is waiting for: {pending_demands(settle_s=0)}", flush=True)
-    return ray.get(ref)
+    return ray.get(refs)
 
 
 def task_resources(section) -> dict:

@@ -1,4 +1,4 @@
-"""The whole workflow: shards (demo) -> vq -> clip -> encode -> ldm -> samples, each stage cached.
+"""The whole workflow: shards (demo) -> vq -> clip -> encode -> ldm -> samples -> evaluate -> promote, each cached.
 
 Every stage is declared once, in `STAGES`: its name, the config it reads, what else it reads (the
 shards, the prompts, earlier stages' outputs) and the function that runs it. From that alone the
@@ -107,6 +107,18 @@ def _samples(w: Workflow, out: Path, run_id: str) -> dict:
     return run_samples(w.cfg, w.registered("ldm")["model_uri"], w.prompts, out)
 
 
+def _evaluate(w: Workflow, out: Path, run_id: str) -> dict:
+    from pipeline.stages.evaluate import evaluate_model
+
+    return evaluate_model(w.cfg, str(w.output("ldm") / "model"), w.encoder_spec(), w.shards, w.listing, out)
+
+
+def _promote(w: Workflow, out: Path, run_id: str) -> dict:
+    from pipeline.stages.promote import run_promote
+
+    return run_promote(w.cfg, int(w.registered("ldm")["version"]), w.output("evaluate"), w.encoder_spec(), out)
+
+
 LDM_LAYOUT = ("ldm.num_workers", "ldm.batch_size", "ldm.grad_accum", "ldm.cpus_per_worker", "ldm.use_gpu",
               "ldm.max_failures", "ldm.stall_timeout_s", "ldm.log_every")
 
@@ -129,6 +141,14 @@ STAGES = (
           headline=("final_loss", "train_img_per_s")),
     Stage("samples", ("samples",), ("ldm", "prompts"), _samples,
           headline=(r"adherence_g[\d.]+", r"grid_adherence_g[\d.]+")),  # at each guidance scale
+    # The held-out images' features are cached apart, per data version and encoder (heldout_features/).
+    # Its scales are evaluate.guidance_scales and the one promotion compares at.
+    Stage("evaluate", ("evaluate", "data", "samples.guidance_scale", "promote.guidance_scale"),
+          ("ldm", "shards", "clip"), _evaluate, layout=("evaluate.num_cpus", "evaluate.num_gpus", "evaluate.batch_size"),
+          headline=(r"fd_.+_g[\d.]+", r"clip_score_.+_g[\d.]+", r"adherence_g[\d.]+")),
+    # The registry's state is not in the key: a decision is made once per candidate and config.
+    Stage("promote", ("promote",), ("evaluate", "ldm"), _promote,
+          headline=("promoted", "candidate_fd", "production_fd")),
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
@@ -190,7 +210,7 @@ class Workflow:
         self.results: dict[str, StageResult] = {}
         self.shards: list[str] = []
         self.prompts: list[str] = []
-        self._listing = ""
+        self.listing = ""
 
     # ---- what a stage reads ----
 
@@ -200,9 +220,15 @@ class Workflow:
     def registered(self, name: str) -> dict:
         return json.loads((self.output(name) / "registered.json").read_text())
 
+    def encoder_spec(self):
+        """The evaluation's encoder (`evaluate.encoder`), the run's own CLIP being the clip stage's."""
+        from pipeline.evaluation import EncoderSpec
+
+        return EncoderSpec.parse(self.cfg.evaluate.encoder, self.output("clip"))
+
     def _input_part(self, name: str) -> str:
         if name == "shards":
-            return self._listing
+            return self.listing
         if name == "prompts":
             return content_key(*self.prompts)
         if STAGE_BY_NAME[name].by_content:
@@ -226,26 +252,26 @@ class Workflow:
             mlflow.log_params(to_flat_dict(cfg))
             mlflow.log_text(to_yaml(cfg), "config.yaml")
             if cfg.data.shards:
-                self._found_shards(resolve_shards(cfg.data.shards))
+                self.found_shards(resolve_shards(cfg.data.shards))
             for stage in STAGES:
                 if not stage.only_if(cfg):
                     continue
                 result = self._run(stage)
                 mlflow.log_metrics(headline_metrics(stage, result))  # on the workflow run
                 if stage.name == "shards":
-                    self._found_shards(resolve_shards(str(result.output)))
+                    self.found_shards(resolve_shards(str(result.output)))
                 if stage.name == self.until:
                     return {"stage": self.until, "output": str(result.output), "mlflow_run_id": parent.info.run_id,
                             "stages": {name: r.summary() for name, r in self.results.items()}}
             return self._summary(parent)
 
-    def _found_shards(self, shards: list[str]) -> None:
+    def found_shards(self, shards: list[str]) -> None:
         """The shards are listed (a missing or unreadable one is an error here, before any stage
         runs) and the prompts read: a bad prompts file fails the job before any training."""
         from pipeline.stages.samples import prompts_for
 
         self.shards = shards
-        self._listing = content_key(*shard_fingerprints(shards))
+        self.listing = content_key(*shard_fingerprints(shards))
         self.prompts = prompts_for(self.cfg, shards)
 
     def _run(self, stage: Stage) -> StageResult:
@@ -283,6 +309,7 @@ class Workflow:
     def _summary(self, parent) -> dict:
         samples = self.output("samples")
         mlflow.log_artifact(str(samples / "grid.png"), "samples")
+        mlflow.log_artifact(str(self.output("evaluate") / "fd_vs_clip_score.png"), "evaluate")
         summary = {
             "model_uri": self.registered("ldm")["model_uri"],
             **{f"{kind}_model_uri": self.registered(kind)["model_uri"]
@@ -293,6 +320,8 @@ class Workflow:
             "samples_dir": str(samples),
             "workdir": str(self.workdir),
             "stages": {name: result.summary() for name, result in self.results.items()},
+            "promotion": {k: self.results["promote"].metrics.get(k)
+                          for k in ("decision", "reason", "version", "candidate_fd", "production_fd")},
             "driver": driver_figures(),
         }
         mlflow.log_dict(summary, "summary.json")

@@ -2,6 +2,7 @@
 MLflow, Ray Serve), run once for the module; then the cached re-run, jobs/sample.py and the app's
 answers to bad requests."""
 
+import dataclasses
 import json
 import runpy
 import urllib.error
@@ -21,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red circle on the left", "a blue square on the right"]
 
 
-def tiny_config(workdir: Path, port: int):
-    return load_config(None, [
+def tiny_overrides(workdir: Path, port: int) -> list[str]:
+    return [
         f"workdir={workdir}",
         "data.demo_num_samples=192", "data.demo_shard_size=64",
         "vq.max_steps=8", "vq.batch_size=16",
@@ -30,7 +31,11 @@ def tiny_config(workdir: Path, port: int):
         "ldm.max_steps=6", "ldm.checkpoint_every=3", "ldm.sample_every=3", "ldm.batch_size=8", "ldm.log_every=2",
         "samples.steps=3", "samples.num_per_prompt=2", "samples.adherence_images=12", f"samples.prompts=[{','.join(PROMPTS)}]",
         f"serve.port={port}",
-    ])
+    ]
+
+
+def tiny_config(workdir: Path, port: int, *more: str):
+    return load_config(None, tiny_overrides(workdir, port) + list(more))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,7 @@ def demo_run(ray_session, tmp_path_factory):
 def test_summary_names_every_stage_with_status_time_and_metrics(demo_run):
     cfg, path, summary = demo_run
     assert path == Path(cfg.workdir).resolve() / "summary.json"
-    assert list(summary["stages"]) == ["shards", "vq", "clip", "encode", "ldm", "samples"]
+    assert list(summary["stages"]) == ["shards", "vq", "clip", "encode", "ldm", "samples", "evaluate", "promote"]
     for name, stage in summary["stages"].items():
         assert stage["status"] == "ran", name
         assert stage["seconds"] > 0
@@ -85,7 +90,7 @@ def test_mlflow_has_a_parent_run_a_child_per_stage_and_the_registered_model(demo
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {run.data.tags["stage"]: run for run in children}
-    assert set(by_stage) == {"shards", "vq", "clip", "encode", "ldm", "samples"}
+    assert set(by_stage) == {"shards", "vq", "clip", "encode", "ldm", "samples", "evaluate", "promote"}
     ldm = by_stage["ldm"]
     assert ldm.data.params["ldm.p_uncond"] == "0.1"
     # rank 0 logged per-step training metrics
@@ -116,7 +121,9 @@ def test_the_workflow_run_carries_its_stages_headline_figures_in_a_model_trainin
         assert parent[f"{name}.seconds"] == pytest.approx(stage["seconds"]), name
     for name, metric in [("vq", "psnr"), ("vq", "codebook_usage"), ("clip", "retrieval_top1"), ("encode", "samples"),
                          ("ldm", "final_loss"), ("ldm", "train_img_per_s"), ("samples", "adherence_g3"),
-                         ("samples", "adherence_g1"), ("samples", "grid_adherence_g3")]:
+                         ("samples", "adherence_g1"), ("samples", "grid_adherence_g3"), ("promote", "promoted"),
+                         *[("evaluate", f"{kind}_{fd_encoder(summary)}_g{s}") for kind in ("fd", "clip_score")
+                           for s in (1, 2, 3, 5)]]:
         assert parent[f"{name}.{metric}"] == pytest.approx(stages[name]["metrics"][metric]), (name, metric)
     experiment = client.get_experiment(summary["mlflow_experiment_id"])
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -315,3 +322,166 @@ def test_registered_models_declare_requirements_that_install(demo_run):
         assert not any(line.startswith("ldm-pipeline") for line in declared), uri
         local = Path(mlflow.artifacts.download_artifacts(uri))
         assert (local / "code" / "pipeline" / "model_package.py").is_file(), sorted(p.name for p in local.iterdir())
+
+
+def fd_encoder(summary) -> str:
+    names = [k[len("fd_"):-len("_g3")] for k in summary["stages"]["evaluate"]["metrics"] if k.startswith("fd_")
+             and k.endswith("_g3")]
+    assert len(names) == 1, names
+    return names[0]
+
+
+def test_evaluate_reports_fd_and_clip_score_per_guidance_scale_with_its_plot_grids_and_prompts(demo_run):
+    _, _, summary = demo_run
+    metrics, encoder = summary["stages"]["evaluate"]["metrics"], fd_encoder(summary)
+    assert encoder.startswith("clip-")  # the run's own CLIP, named by its weights
+    images = metrics["images"]
+    assert 2 <= images <= 192 * 0.2  # the held-out split of the 192 demo samples
+    for scale in (1, 2, 3, 5):
+        assert metrics[f"fd_{encoder}_g{scale}"] >= 0
+        assert 0 <= metrics[f"clip_score_{encoder}_g{scale}"] <= 100
+        assert 0 <= metrics[f"adherence_g{scale}"] <= 1  # demo captions: the pixel judge too
+    client = MlflowClient(summary["tracking_uri"])
+    parent = client.get_run(summary["mlflow_run_id"])
+    run = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
+                             "and tags.stage = 'evaluate'")[0]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
+    assert {"evaluate/fd_vs_clip_score.png", "evaluate/prompts.jsonl", "evaluate/evaluation.json",
+            *(f"evaluate/grid_g{s}.png" for s in (1, 2, 3, 5))} <= logged
+    out = Path(summary["stages"]["evaluate"]["output"])
+    prompts = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert [p["seed"] for p in prompts] == list(range(images))  # fixed seeds, logged
+    assert [p["key"] for p in prompts] == sorted(p["key"] for p in prompts)  # the same prompts in every run
+    assert Image.open(out / "fd_vs_clip_score.png").size[0] >= 400
+    grid = Image.open(Path(mlflow_download(summary, run.info.run_id, "evaluate/grid_g3.png")))
+    assert min(grid.size) >= 128  # tiles large enough to see, a caption under each
+    assert "evaluate/fd_vs_clip_score.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "evaluate")}
+
+
+def mlflow_download(summary, run_id: str, path: str) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
+
+
+def test_the_first_version_takes_production_and_says_why(demo_run):
+    cfg, _, summary = demo_run
+    promotion = summary["promotion"]
+    assert promotion["decision"] == "promoted" and "no version held 'production'" in promotion["reason"]
+    name, version = summary["model_uri"].split("/")[1:]
+    assert str(MlflowClient(cfg.tracking_uri).get_model_version_by_alias(name, "production").version) == version
+    assert summary["stages"]["promote"]["metrics"]["candidate_fd"] == pytest.approx(
+        summary["stages"]["evaluate"]["metrics"][f"fd_{fd_encoder(summary)}_g3"])
+
+
+def test_the_evaluate_job_gives_the_stages_figures_from_the_cached_heldout_features(demo_run, capsys):
+    """The same model, prompts, seeds and encoder: the same figures, by the job users run on any
+    registered version; the held-out features are not computed again."""
+    cfg, _, summary = demo_run
+    main = runpy.run_path(str(ROOT / "jobs" / "evaluate.py"))["main"]
+    overrides = tiny_overrides(Path(cfg.workdir), cfg.serve.port)
+    assert main(["--model", "models:/ldm-pipeline/nope", *overrides]) == 2  # a clear error, no traceback
+    capsys.readouterr()
+    assert main(["--model", summary["model_uri"], *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "held-out features of" in out and ": cached (" in out
+    written = json.loads(Path(out.strip().splitlines()[-1]).read_text())
+    stage = summary["stages"]["evaluate"]["metrics"]
+    assert written["metrics"].keys() == stage.keys()
+    for name, value in stage.items():
+        assert written["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_a_new_version_takes_production_only_when_its_fd_is_better_or_when_forced(demo_run):
+    """A second training (another learning rate) registers version n+1 as candidate; promotion
+    samples the production version on the same prompts and seeds and compares the FDs."""
+    cfg, _, first = demo_run
+    name, first_version = first["model_uri"].split("/")[1:]
+    client = MlflowClient(cfg.tracking_uri)
+    other = tiny_config(Path(cfg.workdir), cfg.serve.port, "ldm.lr=0.01")
+    second = json.loads(run_workflow(other).read_text())
+    assert [second["stages"][s]["status"] for s in ("vq", "clip", "encode", "ldm")] == ["cached"] * 3 + ["ran"]
+    new_version = second["model_uri"].split("/")[-1]
+    assert int(new_version) > int(first_version)
+    decision = second["stages"]["promote"]["metrics"]
+    assert decision["previous_version"] == int(first_version)
+    assert decision["candidate_fd"] == pytest.approx(
+        second["stages"]["evaluate"]["metrics"][f"fd_{fd_encoder(second)}_g3"])
+    assert decision["production_fd"] == pytest.approx(  # the same prompts, seeds and encoder as the first run's
+        first["stages"]["evaluate"]["metrics"][f"fd_{fd_encoder(first)}_g3"], rel=1e-5)
+    better = decision["candidate_fd"] < decision["production_fd"]
+    assert decision["decision"] == ("promoted" if better else "kept")
+    holder = str(client.get_model_version_by_alias(name, "production").version)
+    assert holder == (new_version if better else first_version)
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == new_version
+    run = client.search_runs([second["mlflow_experiment_id"]], f"tags.mlflow.parentRunId = '{second['mlflow_run_id']}' "
+                             "and tags.stage = 'promote'")[0]
+    assert run.data.tags["promote.decision"] == decision["decision"]
+    assert f"version {new_version}" in run.data.tags["promote.reason"] and f"version {first_version}'s" in \
+        run.data.tags["promote.reason"]
+    # The way past the gate (--force-promote): the version that lost takes the alias all the same.
+    loser, loser_version = (cfg, first_version) if better else (other, new_version)
+    forced = json.loads(run_workflow(dataclasses.replace(loser, promote=dataclasses.replace(
+        loser.promote, force=True))).read_text())
+    assert forced["promotion"]["decision"] == "promoted" and forced["promotion"]["reason"].startswith("forced")
+    assert forced["stages"]["ldm"]["status"] == "cached" and forced["stages"]["promote"]["status"] == "ran"
+    assert str(client.get_model_version_by_alias(name, "production").version) == loser_version
+
+
+ARTIFACTS = ROOT / "test-artifacts"  # screenshots the browser test keeps (gitignored)
+
+
+def rendered(url: str, screenshot: Path | None = None, budget_ms: int = 40000) -> str:
+    """The page's DOM after headless Chromium ran its scripts (and optionally a screenshot of it)."""
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("headless Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
+    base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1200",
+            f"--virtual-time-budget={budget_ms}"]
+    if screenshot is not None:
+        subprocess.run([*base, f"--screenshot={screenshot}", url], capture_output=True, timeout=180, check=True)
+    return subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=True).stdout
+
+
+def test_the_mlflow_ui_shows_the_runs_their_figures_and_charts_in_a_browser(demo_run, free_port):
+    """A real MLflow server on the run's store, opened in headless Chromium as a user would: the
+    experiment in its model-training view lists the workflow run; comparing workflow runs shows
+    the stages' headline figures (the evaluation's FD and CLIP score among them) and a chart."""
+    import subprocess
+    import sys
+
+    from pipeline.localservices import _wait_http
+
+    cfg, _, summary = demo_run
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = ARTIFACTS / "mlflow-server.log"
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                               cfg.tracking_uri, "--host", "127.0.0.1", "--port", str(free_port)],
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{free_port}"
+        _wait_http(f"{base}/health", "mlflow server", server, log)
+        experiment = summary["mlflow_experiment_id"]
+        runs = rendered(f"{base}/#/experiments/{experiment}?workflowType=machine_learning",
+                        ARTIFACTS / "mlflow-runs.png")
+        assert "Runs - Experiment" in runs and ">workflow<" in runs and "matching runs" in runs
+        compared = rendered(f'{base}/#/compare-runs?runs=["{summary["mlflow_run_id"]}"]&experiments=["{experiment}"]',
+                            ARTIFACTS / "mlflow-compare.png")
+        # The metrics table renders only the rows in view (alphabetical), so ask for early ones.
+        for metric in (f"evaluate.fd_{fd_encoder(summary)}_g3", f"evaluate.clip_score_{fd_encoder(summary)}_g1",
+                       "clip.retrieval_top1"):
+            assert metric in compared, metric
+        assert "js-plotly-plot" in compared  # a chart, rendered
+        client = MlflowClient(cfg.tracking_uri)
+        ldm = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}' "
+                                 "and tags.stage = 'ldm'")[0]
+        rendered(f"{base}/#/experiments/{experiment}/runs/{ldm.info.run_id}/model-metrics?workflowType=machine_learning",
+                 ARTIFACTS / "mlflow-ldm-charts.png")
+        assert (ARTIFACTS / "mlflow-ldm-charts.png").stat().st_size > 20_000  # the loss curve and the rest, drawn
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
