@@ -26,6 +26,7 @@ test-fast: install
 
 # Browse the runs of the local store the demo writes (<workdir>/mlflow.db).
 mlflow-ui: install
+	@echo "open http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning (the model-training view)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORKDIR))/mlflow.db --host 127.0.0.1 --port 5000
 
 # A head with no CPUs and three one-CPU worker nodes on this machine (README, "On a cluster").
