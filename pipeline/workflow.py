@@ -93,10 +93,12 @@ def _encode(w: Workflow, out: Path, run_id: str) -> dict:
 def _ldm(w: Workflow, out: Path, run_id: str) -> dict:
     """Train the UNet, assemble the pipeline model, log it to MLflow and register it."""
     from pipeline.components import log_package
+    from pipeline.stages.evaluate import checkpoint_eval_plan
     from pipeline.stages.ldm import run_ldm
 
     key = w.key(STAGE_BY_NAME["ldm"])
-    metrics = run_ldm(w.cfg, w.output("encode"), out, run_id, name=f"ldm-{key}", prompts=w.prompts)
+    during = checkpoint_eval_plan(w.cfg, w.shards, w.listing, w.encoder_spec()) if run_id else None
+    metrics = run_ldm(w.cfg, w.output("encode"), out, run_id, name=f"ldm-{key}", prompts=w.prompts, evaluation=during)
     registered = log_package(out, w.output("encode"), w.output("vq"), w.output("clip"), w.cfg, run_id)
     return {**metrics, "model_version": int(registered["version"])}
 
@@ -143,8 +145,11 @@ STAGES = (
           headline=(r"adherence_g[\d.]+", r"grid_adherence_g[\d.]+")),  # at each guidance scale
     # The held-out images' features are cached apart, per data version and encoder (heldout_features/).
     # Its scales are evaluate.guidance_scales and the one promotion compares at.
+    # evaluate.every / during_*: the evaluations during ldm training, which log to the ldm run only.
     Stage("evaluate", ("evaluate", "data", "samples.guidance_scale", "promote.guidance_scale"),
-          ("ldm", "shards", "clip"), _evaluate, layout=("evaluate.num_cpus", "evaluate.num_gpus", "evaluate.batch_size"),
+          ("ldm", "shards", "clip"), _evaluate, layout=("evaluate.num_cpus", "evaluate.num_gpus", "evaluate.batch_size",
+                                                         "evaluate.every", "evaluate.during_images",
+                                                         "evaluate.during_timeout_s"),
           headline=(r"fd_.+_g[\d.]+", r"clip_score_.+_g[\d.]+", r"adherence_g[\d.]+")),
     # The registry's state is not in the key: a decision is made once per candidate and config.
     Stage("promote", ("promote",), ("evaluate", "ldm"), _promote,

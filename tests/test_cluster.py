@@ -34,7 +34,7 @@ TINY = [f"data.shards={SHARDS}", f"ldm.storage_path=s3://{BUCKET}/ray-train", "v
         "clip.max_steps=8", "clip.batch_size=32", "ldm.max_steps=6", "ldm.checkpoint_every=3", "ldm.sample_every=3",
         "ldm.batch_size=8", "ldm.log_every=2", "samples.steps=3", "samples.num_per_prompt=2",
         "samples.adherence_images=12", "samples.prompts=[a red circle on the left,a blue square on the right]"]
-STAGES = ("vq", "clip", "encode", "ldm", "samples")
+STAGES = ("vq", "clip", "encode", "ldm", "samples", "evaluate", "promote")
 # The driver imports torch, Ray, DeepSpeed and MLflow (about 1.05 GB here) and computes nothing:
 # a driver that ran the first stage's evaluation or the adherence sampling would grow past this.
 DRIVER_PEAK_RSS_MB = 1500

@@ -54,7 +54,7 @@ def test_own_folder_of_captioned_jpegs_at_another_size_in_buckets(ray_session, t
     ])
     summary = json.loads(run_workflow(cfg).read_text())
     stages = summary["stages"]
-    assert list(stages) == ["vq", "clip", "encode", "ldm", "samples"]  # no demo shards stage
+    assert list(stages) == ["vq", "clip", "encode", "ldm", "samples", "evaluate", "promote"]  # no demo shards stage
     assert all(stage["status"] == "ran" for stage in stages.values())
     encode = stages["encode"]["metrics"]
     assert encode["samples"] == 60 and sum(encode["skipped"].values()) == 0
@@ -79,6 +79,11 @@ def test_own_folder_of_captioned_jpegs_at_another_size_in_buckets(ray_session, t
     encode_run = next(run for run in children if run.data.tags["stage"] == "encode")
     assert encode_run.data.metrics["buckets.32x64"] == 30 and encode_run.data.metrics["crop_max"] == 0.0
     assert not any(name.startswith("adherence") for name in stages["samples"]["metrics"])
+    # Quality figures on the user's own captions: FD and CLIP score per guidance scale, no demo judge.
+    evaluate = stages["evaluate"]["metrics"]
+    assert sorted(k for k in evaluate if k.startswith("fd_")) and not any(k.startswith("adherence") for k in evaluate)
+    assert all(np.isfinite(v) and v >= 0 for k, v in evaluate.items() if k.startswith(("fd_", "clip_score_")))
+    assert summary["promotion"]["decision"] == "promoted"
     # No prompts given: the samples are of held-out captions, the user's own words.
     records = [json.loads(line) for line in (Path(summary["samples_dir"]) / "manifest.jsonl").read_text().splitlines()]
     with open(tmp_path / "captions.csv") as f:

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -363,6 +364,25 @@ def mlflow_download(summary, run_id: str, path: str) -> str:
 
     mlflow.set_tracking_uri(summary["tracking_uri"])
     return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
+
+
+def test_the_ldm_run_has_the_fd_curve_of_its_checkpoints_evaluated_beside_training(demo_run):
+    """evaluate.every=1: each checkpoint's EMA (steps 3 and 6) is scored in its own task, into the
+    ldm run at its step; the curve is in summary.json too."""
+    cfg, _, summary = demo_run
+    ldm = summary["stages"]["ldm"]["metrics"]
+    assert ldm["evaluations"] == 2 and ldm["evaluations_missing"] == 0
+    name = f"fd_{fd_encoder(summary)}_g3"
+    assert ldm["eval_curve"]["steps"] == [3, 6] and len(ldm["eval_curve"][name]) == 2
+    client = MlflowClient(cfg.tracking_uri)
+    run = client.search_runs([summary["mlflow_experiment_id"]],
+                             f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}' and tags.stage = 'ldm'")[0]
+    for metric in (name, f"clip_score_{fd_encoder(summary)}_g3"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert sorted(m.step for m in history) == [3, 6], metric
+        assert all(np.isfinite(m.value) and m.value >= 0 for m in history), metric
+    assert [m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)] == \
+        pytest.approx(ldm["eval_curve"][name])
 
 
 def test_the_first_version_takes_production_and_says_why(demo_run):

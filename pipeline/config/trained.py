@@ -76,9 +76,20 @@ class EvaluateConfig:
     num_cpus: float = 2
     num_gpus: float = 0
     """Resources of each generation task (one per guidance scale, side by side where there is room)."""
+    every: int = 1
+    """During training: evaluate every `every`-th ldm checkpoint (and the last) beside training, at
+    the promotion guidance scale, into the ldm run at its step (the FD curve); 0: only after it."""
+    during_images: int = 100
+    """Held-out captions of each evaluation during training (the first of the evaluate stage's)."""
+    during_timeout_s: float = 1800.0
+    """How long the ldm stage waits, after training, for its evaluations still running; then it
+    says which steps it gave up on (the training's result is kept either way)."""
 
     def __post_init__(self):
-        _positive("evaluate", num_images=self.num_images, batch_size=self.batch_size)
+        _positive("evaluate", num_images=self.num_images, batch_size=self.batch_size,
+                  during_images=self.during_images)
+        if self.every < 0:
+            raise ConfigError(f"evaluate.every must be >= 0 (0: no evaluation during training), got {self.every}")
         if not self.guidance_scales or min(self.guidance_scales) < 0:
             raise ConfigError(f"evaluate.guidance_scales must be a non-empty list of scales >= 0, "
                               f"got {self.guidance_scales}")

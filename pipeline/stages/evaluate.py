@@ -62,19 +62,30 @@ def real_features_task(spec: EncoderSpec, heldout_ds, batch_size: int) -> dict:
 def generate_task(model_uri: str, tracking_uri: str, spec: EncoderSpec, captions: list[str], seed: int,
                   scale: float, steps: int, sampler: str, batch_size: int, grid_images: int) -> dict:
     """Generate one image per caption (seed + i) at one guidance scale (steps 0 / sampler '': the
-    model's defaults): their FD features, CLIP scores, the first `grid_images` images, and the demo
-    judge's verdicts where captions are the demo's."""
+    model's defaults) with the model at `model_uri`: `score_generated`'s figures."""
+    import torch
+
+    from pipeline.model_package import PipelineModel
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = PipelineModel.from_uri(model_uri, tracking_uri).to(device)
+    return score_generated(model, spec, captions, seed, scale, steps, sampler, batch_size, grid_images)
+
+
+def score_generated(model, spec: EncoderSpec, captions: list[str], seed: int, scale: float, steps: int,
+                    sampler: str, batch_size: int, grid_images: int) -> dict:
+    """One image per caption (seed + i) at one guidance scale from `model` (a PipelineModel; steps 0
+    / sampler '': its defaults): their FD features, CLIP scores, the first `grid_images` images, and
+    the demo judge's verdicts where the captions are the demo's."""
     import torch
 
     from pipeline.data.demo import caption_to_spec
     from pipeline.data.demo_eval import judge
     from pipeline.data.images import images_to_tensor
     from pipeline.evaluation import Encoders
-    from pipeline.model_package import GenerationRequest, PipelineModel
+    from pipeline.model_package import GenerationRequest
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = PipelineModel.from_uri(model_uri, tracking_uri).to(device)
-    encoders = Encoders(spec, device)
+    encoders = Encoders(spec, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     steps, sampler = steps or int(model.defaults["steps"]), sampler or model.defaults["sampler"]
     features, scores, grid, verdicts = [], [], [], []
     start = time.perf_counter()
@@ -132,6 +143,24 @@ def heldout_features(cfg: PipelineConfig, shards: list[str], listing: str, spec:
     print(f"[evaluate] held-out features of {len(rows)} images: {result.status} ({result.output})", flush=True)
     return {"features": load_file(str(result.output / FEATURES_FILE))["features"],
             "captions": [r["caption"] for r in rows], "keys": [r["key"] for r in rows], "dir": str(result.output)}
+
+
+def checkpoint_eval_plan(cfg: PipelineConfig, shards: list[str], listing: str, spec: EncoderSpec):
+    """What the ldm stage's evaluations during training compute (`pipeline.training.checkpoint_eval`),
+    or None with `evaluate.every` 0: the first `evaluate.during_images` of the held-out captions
+    (their real features computed now, once, and cached for the evaluate stage) at the promotion scale."""
+    from pipeline.training.checkpoint_eval import CheckpointEvalPlan
+
+    e = cfg.evaluate
+    if not e.every:
+        return None
+    real, scale = heldout_features(cfg, shards, listing, spec), promotion_scale(cfg)
+    return CheckpointEvalPlan(
+        every=e.every, spec=spec, features_file=str(Path(real["dir"]) / FEATURES_FILE),
+        captions=real["captions"][:e.during_images], seed=e.seed, scale=scale, steps=e.steps or cfg.samples.steps,
+        sampler=cfg.samples.sampler, batch_size=e.batch_size, num_cpus=e.num_cpus, num_gpus=e.num_gpus,
+        timeout_s=e.during_timeout_s, fd_metric=metric_name("fd", spec.fd_name, scale),
+        score_metric=metric_name("clip_score", spec.score_name, scale))
 
 
 def generate_at_scales(cfg: PipelineConfig, model_uri: str, spec: EncoderSpec, captions: list[str],

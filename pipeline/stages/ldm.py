@@ -25,9 +25,10 @@ from pipeline.models.unet import unet_config
 from pipeline.ray_runtime import check_cpus_left_for_streaming, fit
 from pipeline.tracking import replay_when_back
 from pipeline.training.checkpoint import count_parameters, read_progress
+from pipeline.training.checkpoint_eval import CheckpointEvalPlan, CheckpointEvaluator, summarize
 from pipeline.training.faults import FaultInjection
 from pipeline.training.first_stage import fit_batch_size
-from pipeline.training.grids import GridConfig
+from pipeline.training.grids import GridConfig, model_parts
 from pipeline.training.latents import LATENT_COLUMNS
 from pipeline.training.ldm_loop import LDMLoopConfig, ldm_train_loop
 from pipeline.training.progress import StallWatchdog, progress_board
@@ -65,6 +66,39 @@ def build_loop_config(cfg: PipelineConfig, latents_dir: Path, run_id: str | None
         faults=FaultInjection.from_env(Path(unlogged_path).with_name("injected_failure") if unlogged_path else None))
 
 
+def start_evaluator(loop: LDMLoopConfig, plan: CheckpointEvalPlan | None, latents_dir: Path, tracking_uri: str,
+                    run_id: str | None):
+    """The actor the workers hand checkpoints to for evaluation (on the driver's node, which outlives
+    the workers'), wired into `loop`; None when there is nothing to evaluate or nowhere to log it."""
+    meta = json.loads((latents_dir / "metadata.json").read_text())
+    if plan is None or not run_id or not (meta.get("vq_dir") and meta.get("clip_dir")):
+        return None
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    buckets = latent_buckets(meta)
+    parts = model_parts(loop, meta["vq_dir"], meta["clip_dir"], buckets[main_bucket(buckets)]["latent_shape"])
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    evaluator = CheckpointEvaluator.options(scheduling_strategy=here).remote(plan, parts, tracking_uri, run_id)
+    loop.evaluator, loop.evaluate_every = evaluator, plan.every
+    print(f"[ldm] evaluating every {plan.every} checkpoint(s) and the last beside training: {plan.fd_metric} and "
+          f"{plan.score_metric} on {len(plan.captions)} held-out captions, into the ldm run", flush=True)
+    return evaluator
+
+
+def finish_evaluations(evaluator, plan: CheckpointEvalPlan | None) -> dict:
+    """Wait for the evaluations still running (at most `evaluate.during_timeout_s`); their figures."""
+    if evaluator is None:
+        return {}
+    try:
+        results = ray.get(evaluator.drain.remote(), timeout=plan.timeout_s + 120)
+    except (ray.exceptions.RayError, TimeoutError) as error:  # the evaluator lost: training's result stands
+        print(f"[ldm] the evaluations during training are lost: {type(error).__name__}: {error}", flush=True)
+        return {"evaluations": 0}
+    finally:
+        ray.kill(evaluator)
+    return summarize(plan, results)
+
+
 def stall_hint(cfg: PipelineConfig) -> str:
     """What frees a stalled ldm fit, in config keys."""
     ldm = cfg.ldm
@@ -75,9 +109,10 @@ def stall_hint(cfg: PipelineConfig) -> str:
 
 
 def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str | None, name: str,
-            prompts: list[str] | None = None) -> dict:
+            prompts: list[str] | None = None, evaluation: CheckpointEvalPlan | None = None) -> dict:
     """Train the UNet on the latent dataset; writes the EMA UNet into `out_dir`. `prompts`: those of
-    the in-training sample grids (default `samples.prompts`).
+    the in-training sample grids (default `samples.prompts`); `evaluation`: what to evaluate of the
+    checkpoints beside training (`pipeline.training.checkpoint_eval`), logged to the run `run_id`.
 
     Re-running with the same `name` and storage resumes from the run's latest checkpoint. By default
     every worker reads the latents from their files in the global order (exact resume);
@@ -104,6 +139,7 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
     loop = build_loop_config(cfg, latents_dir, run_id, unlogged, rows,
                              cfg.samples.prompts if prompts is None else prompts)
     loop.progress = progress_board()
+    evaluator = start_evaluator(loop, evaluation, latents_dir, cfg.tracking_uri, run_id)
     start, started_at = time.perf_counter(), time.time()
     result = fit(
         ldm_train_loop, {"loop": loop}, name=name, storage_path=storage, num_workers=workers,
@@ -112,6 +148,7 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
         watchdog=StallWatchdog(loop.progress, ldm.stall_timeout_s, f"ldm: {stall_hint(cfg)}"),
     )
     seconds = time.perf_counter() - start
+    during = finish_evaluations(evaluator, evaluation)
     if run_id:  # rank 0 kept metrics it could not send (the tracking server away at the end)
         replay_when_back(cfg.tracking_uri, unlogged, run_id)
     starts = ray.get(loop.progress.snapshot.remote())["starts"]
@@ -136,6 +173,7 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
             "bucket_batches_per_epoch": sizes["bucket_batches_per_epoch"],
             "samples_unused_per_epoch": sizes["samples_unused_per_epoch"],
             "params": count_parameters(out_dir / "unet.safetensors"),
+            **during,
             # The fixed cost of the (last) start: Ray Train's worker group, then each worker's setup
             # (DeepSpeed engine, the latents, resuming a checkpoint).
             "startup_s": {"worker_group": round(starts[-1]["time"] - starts[-1]["setup_s"] - started_at, 2)

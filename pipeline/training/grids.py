@@ -27,6 +27,26 @@ class GridConfig:
     steps: int
 
 
+def model_parts(loop, vq_dir: str, clip_dir: str, latent_shape: list[int]) -> dict:
+    """`pipeline_model`'s arguments for the model a training loop (`LDMLoopConfig`) trains."""
+    return {"unet": loop.unet, "schedule": loop.schedule, "vq_dir": vq_dir, "clip_dir": clip_dir,
+            "latents_dir": loop.latents_dir, "latent_scale": loop.latent_scale, "latent_shape": latent_shape}
+
+
+def pipeline_model(unet: dict, schedule: dict, vq_dir: str, clip_dir: str, latents_dir: str, latent_scale: float,
+                   latent_shape: list[int]):
+    """The served model's generation path around a fresh UNet (load the EMA weights into `.unet`),
+    from the ldm stage's inputs: the VQ and text encoder directories and the latents' null condition."""
+    from pipeline.model_package import PipelineModel
+    from pipeline.models.text import TextEncoder
+    from pipeline.models.vq import VQModel
+    from pipeline.stages.encode import load_null_condition
+
+    return PipelineModel(UNet(UNetConfig(**unet)), VQModel.load(vq_dir)[0], TextEncoder.load(clip_dir),
+                         NoiseSchedule(ScheduleConfig(**schedule)), latent_scale, latent_shape,
+                         null=load_null_condition(Path(latents_dir)).to(dtype=torch.float32))
+
+
 class SampleGrids:
     """Rank 0: sample grids of fixed prompts and seeds from the EMA weights, logged to MLflow."""
 
@@ -43,17 +63,12 @@ class SampleGrids:
 
     @torch.no_grad()
     def _log(self, weights: dict, step: int) -> None:
-        from pipeline.model_package import GenerationRequest, PipelineModel
-        from pipeline.models.text import TextEncoder
-        from pipeline.models.vq import VQModel
-        from pipeline.stages.encode import load_null_condition
+        from pipeline.model_package import GenerationRequest
 
         grid, start = self.loop.grid, time.perf_counter()
         if self.model is None:  # the served model's generation path, on the EMA weights in memory
-            self.model = PipelineModel(
-                UNet(UNetConfig(**self.loop.unet)), VQModel.load(grid.vq_dir)[0], TextEncoder.load(grid.clip_dir),
-                NoiseSchedule(ScheduleConfig(**self.loop.schedule)), self.loop.latent_scale, grid.latent_shape,
-                null=load_null_condition(Path(self.loop.latents_dir)).to(dtype=torch.float32)).to(self.device)
+            parts = model_parts(self.loop, grid.vq_dir, grid.clip_dir, grid.latent_shape)
+            self.model = pipeline_model(**parts).to(self.device)
         self.model.unet.load_state_dict(weights)
         requests = [GenerationRequest(prompt, grid.seed + i, grid.guidance_scale) for i, prompt in enumerate(grid.prompts)]
         array = self.model.grid(requests, grid.steps, "ddim")

@@ -78,6 +78,10 @@ class LDMLoopConfig:
     faults: FaultInjection = field(default_factory=FaultInjection)
     progress: object = None
     """The driver's `TrainingProgress` actor (None: nobody watches)."""
+    evaluator: object = None
+    """The driver's `CheckpointEvaluator` actor (None: no evaluation during training)."""
+    evaluate_every: int = 0
+    """Hand every `evaluate_every`-th checkpoint's EMA (and the last) to `evaluator`."""
 
     def global_batch(self, world: int) -> int:
         return self.batch_size * world * self.grad_accum
@@ -269,7 +273,8 @@ class Trainer:
 
     def report_metrics_and_save_checkpoint(self, metrics: dict, logger: MetricLogger | None, final: bool) -> None:
         """Checkpoint every rank's state and report it to Ray Train (with the step's metrics). The
-        metrics logged so far are made durable first, so a resumed run has every step before it."""
+        metrics logged so far are made durable first, so a resumed run has every step before it.
+        Rank 0 hands the checkpoint's EMA to the in-training evaluation when one is due."""
         if not weights_finite(self.engine, self.device):  # never persist a non-finite state
             raise RuntimeError(f"ldm: non-finite weights at step {self.state.step}; not writing a checkpoint")
         if logger:
@@ -281,6 +286,11 @@ class Trainer:
             ray.train.report({"step": self.state.step, "loss": metrics["loss"],
                               "nonfinite_steps": self.state.nonfinite_steps},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        loop = self.loop
+        if loop.evaluator is not None and self.ema.keep and (
+                final or (self.state.step // loop.checkpoint_every) % loop.evaluate_every == 0):
+            # Not waited for: the evaluation runs in its own task, beside training where there is room.
+            loop.evaluator.submit.remote(self.state.step, {k: v.detach().cpu() for k, v in weights.items()})
 
 
 def ldm_train_loop(config: dict) -> None:
