@@ -6,13 +6,14 @@
     python jobs/benchmark.py serve                           # Ray Serve load test, batched vs one at a time
     python jobs/benchmark.py gpu_step                        # bf16 step of the medium and sd presets on a GPU
     python jobs/benchmark.py train                           # the ldm stage's training loop vs a bare torch loop
+    python jobs/benchmark.py train_eval                      # the ldm step time with evaluation during training on vs off
     python jobs/benchmark.py ema                             # ZeRO-3 step with the sharded EMA vs one gathering every step
 """
 import importlib
 import json
 import sys
 
-BENCHMARKS = ("unet", "sampler", "encode", "serve", "gpu_step", "ema", "train")
+BENCHMARKS = ("unet", "sampler", "encode", "serve", "gpu_step", "ema", "train", "train_eval")
 
 
 def main(argv: list[str]) -> int:

@@ -85,6 +85,23 @@ def mean_step(ends: list[float], warmup: int) -> float:
     return (ends[-1] - ends[warmup]) / (len(ends) - 1 - warmup)
 
 
+def bench_config(root: Path, steps: int, checkpoint_every: int, overrides: list[str]):
+    """The demo's config for a timed ldm stage: no sample grids, quiet progress, outputs under `root`."""
+    from pipeline.config import load_config
+
+    return load_config(None, [f"workdir={root / 'work'}", f"ldm.max_steps={steps}",
+                              f"ldm.checkpoint_every={checkpoint_every}", "ldm.sample_every=0", "ldm.log_every=1000",
+                              *overrides])
+
+
+def loss_ends(tracking_uri: str, run_id: str) -> list[float]:
+    """When each step of an ldm run ended, from its logged losses' timestamps."""
+    from mlflow import MlflowClient
+
+    history = sorted(MlflowClient(tracking_uri).get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    return [m.timestamp / 1000 for m in history if m.step > 0]
+
+
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(prog="benchmark.py train")
     parser.add_argument("--steps", type=int, default=60)
@@ -95,18 +112,14 @@ def main(argv: list[str]) -> dict:
 
     import mlflow
     import ray
-    from mlflow import MlflowClient
 
-    from pipeline.config import load_config
     from pipeline.stages.ldm import run_ldm
     from pipeline.tiny_models import write_latent_dataset
     from pipeline.tracking import setup_experiment
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        cfg = load_config(None, [f"workdir={root / 'work'}", f"ldm.max_steps={args.steps}",
-                                 f"ldm.checkpoint_every={args.steps}", "ldm.sample_every=0", "ldm.log_every=1000",
-                                 *args.overrides])
+        cfg = bench_config(root, args.steps, args.steps, args.overrides)
         if cfg.ldm.num_workers != 1 or cfg.ldm.grad_accum != 1:
             raise SystemExit("benchmark.py train compares one worker without gradient accumulation to a bare loop")
         side = cfg.data.image_size // cfg.vq.downsample
@@ -125,8 +138,7 @@ def main(argv: list[str]) -> dict:
             after = bare_loop(cfg, latents_dir, args.steps)
         finally:
             ray.shutdown()
-        history = sorted(MlflowClient(cfg.tracking_uri).get_metric_history(run_id, "loss"), key=lambda m: m.step)
-        stage_ends = [m.timestamp / 1000 for m in history if m.step > 0]
+        stage_ends = loss_ends(cfg.tracking_uri, run_id)
     stage = steady_step(stage_ends, args.warmup)
     bare = statistics.median([steady_step(before["ends"], args.warmup), steady_step(after["ends"], args.warmup)])
     stage_mean = mean_step(stage_ends, args.warmup)
