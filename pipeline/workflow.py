@@ -63,6 +63,7 @@ NOT_IN_ANY_KEY = {
     "ray_address": "where the stages run",
     "mlflow": "where runs and models are recorded, under which names",
     "serve": "how the samples are served; a request's PNG does not depend on its batch",
+    "sweep": "what a sweep varies: each trial's config carries the values it drew",
 }
 
 
@@ -205,12 +206,27 @@ def headline_metrics(stage: Stage, result: StageResult) -> dict:
 class Workflow:
     """Runs the declared stages in order inside one MLflow parent run."""
 
-    def __init__(self, cfg: PipelineConfig, until: str | None = None):
-        """`until`: stop after this stage (the per-stage jobs); None runs the whole workflow."""
-        if until is not None and until not in STAGE_BY_NAME:
-            raise ValueError(f"unknown stage {until!r}; stages: {tuple(STAGE_BY_NAME)}")
+    def __init__(self, cfg: PipelineConfig, until: str | None = None, skip: tuple[str, ...] = (),
+                 parent_run_id: str | None = None, run_name: str | None = None):
+        """`until`: stop after this stage (the per-stage jobs); None runs the whole workflow.
+        `skip`: stages not to run (none of the stages run may read them; a sweep's trials skip the
+        samples). `parent_run_id`: the MLflow run the workflow run is a child of (a sweep's)."""
+        for name in (until, *skip):
+            if name is not None and name not in STAGE_BY_NAME:
+                raise ValueError(f"unknown stage {name!r}; stages: {tuple(STAGE_BY_NAME)}")
+        if until is None and skip:
+            raise ValueError(f"skipping {list(skip)} needs `until`: the whole workflow's summary has every stage")
+        names = list(STAGE_BY_NAME)
+        for stage in STAGES[:names.index(until) + 1] if until else ():
+            needed = set(stage.inputs) & set(skip)
+            if needed and stage.name not in skip:
+                raise ValueError(f"stage {stage.name} reads {sorted(needed)}, which would be skipped")
         self.cfg = cfg
         self.until = until
+        self.skip = tuple(skip)
+        self.parent_run_id, self.run_name = parent_run_id, run_name
+        self.stage_runs: dict[str, str] = {}
+        """The MLflow run of each stage begun, as soon as it begins (a sweep reads the ldm run's FD curve)."""
         self.workdir = Path(cfg.workdir).resolve()
         self.results: dict[str, StageResult] = {}
         self.shards: list[str] = []
@@ -253,13 +269,15 @@ class Workflow:
         self.workdir.mkdir(parents=True, exist_ok=True)
         init_ray(cfg.ray_address)
         setup_experiment(cfg.tracking_uri, cfg.mlflow.experiment_name, self.workdir)
-        with mlflow.start_run(run_name=f"workflow-until-{self.until}" if self.until else "workflow") as parent:
+        name = self.run_name or (f"workflow-until-{self.until}" if self.until else "workflow")
+        with mlflow.start_run(run_name=name, parent_run_id=self.parent_run_id,
+                              nested=self.parent_run_id is not None) as parent:
             mlflow.log_params(to_flat_dict(cfg))
             mlflow.log_text(to_yaml(cfg), "config.yaml")
             if cfg.data.shards:
                 self.found_shards(resolve_shards(cfg.data.shards))
             for stage in STAGES:
-                if not stage.only_if(cfg):
+                if not stage.only_if(cfg) or stage.name in self.skip:
                     continue
                 result = self._run(stage)
                 mlflow.log_metrics(headline_metrics(stage, result))  # on the workflow run
@@ -289,6 +307,7 @@ class Workflow:
                 params.update({f"{path}.{k}": v for k, v in to_flat_dict(value).items()} if is_dataclass(value)
                               else {path: str(value)})
             mlflow.log_params(params)
+            self.stage_runs[stage.name] = child.info.run_id
             print(f"== stage {stage.name} (key {key}) ==", flush=True)
             result = run_stage(self.workdir, stage.name, key, lambda out: stage.run(self, out, child.info.run_id))
             mlflow.set_tags({"stage": stage.name, "status": result.status, "cache_key": key})

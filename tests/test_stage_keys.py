@@ -30,6 +30,8 @@ def changed(value):
         return value + "-other"
     if isinstance(value, list):
         return [*value, 7.0 if value and isinstance(value[0], (int, float)) else "another prompt"]
+    if isinstance(value, dict):
+        return {**value, "another": [1, 2]}
     raise TypeError(f"no changed value for {value!r}: extend the test")
 
 

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config.errors import ConfigError
+from pipeline.config.sweep import SweepConfig
 from pipeline.config.trained import (DEMO_PROMPTS, EvaluateConfig, PromoteConfig, SamplesConfig, SamplingDefaults,
                                      ServeConfig)
 from pipeline.config.training import (ClipConfig, DataConfig, EncodeConfig, LDMConfig, MLflowConfig, VQConfig,
@@ -23,7 +24,7 @@ from pipeline.config.training import (ClipConfig, DataConfig, EncodeConfig, LDMC
 
 __all__ = ["CONFIG_DIR", "DEFAULT_CONFIG", "DEMO_PROMPTS", "ClipConfig", "ConfigError", "DataConfig", "EncodeConfig",
            "EvaluateConfig", "LDMConfig", "MLflowConfig", "PipelineConfig", "PromoteConfig", "SamplesConfig",
-           "SamplingDefaults", "ServeConfig", "VQConfig", "check_image_size", "load_config", "to_yaml"]
+           "SamplingDefaults", "ServeConfig", "SweepConfig", "VQConfig", "check_image_size", "load_config", "to_yaml"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "jobs" / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -48,6 +49,8 @@ class PipelineConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """What `jobs/sweep.py` varies (each trial's config is this one with its values)."""
 
     def __post_init__(self):
         from pipeline.models.unet import UNET_PRESETS
