@@ -159,21 +159,31 @@ def run_trial(params: dict, plan: SweepPlan) -> None:
 
     context = tune.get_context()
     name = f"trial-{context.get_trial_id()}"
+    expected = evaluation_steps(plan.trial_config(params))
     runner = TrialWorkflow.options(scheduling_strategy="DEFAULT").remote(plan, params, name)
     done = runner.run.remote()
-    client, reported, last = None, set(), None
+    client, values, reported, last = None, {}, [], None
+
+    def report(step: int) -> None:
+        nonlocal last
+        reported.append(step)
+        last = values[step]
+        tune.report({plan.metric: values[step], "step": step})
+
     while True:
         finished = bool(ray.wait([done], timeout=POLL_S)[0])
         progress = ray.get(runner.ldm_progress.remote(plan.metric))
         if progress:
             run_id, metric = progress
             client = client or MlflowClient(plan_tracking_uri(plan, params))
-            for point in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step):
-                if point.step not in reported:
-                    reported.add(point.step)
-                    last = point.value
-                    tune.report({plan.metric: point.value, "step": point.step})
+            values.update({point.step: point.value for point in client.get_metric_history(run_id, metric)})
+        # In step order: evaluations may finish out of order (several at once after training, on a
+        # machine without spare CPUs), and ASHA's rungs count reports.
+        while len(reported) < len(expected) and expected[len(reported)] in values:
+            report(expected[len(reported)])
         if finished:
+            for step in sorted(set(values) - set(reported)):  # a lost evaluation's successors
+                report(step)
             break
     result = ray.get(done)  # the workflow's error, if it failed, fails the trial
     evaluate = result["stages"]["evaluate"]["metrics"]
@@ -189,9 +199,15 @@ def plan_tracking_uri(plan: SweepPlan, params: dict) -> str:
     return plan.trial_config(params).tracking_uri
 
 
+def evaluation_steps(cfg: PipelineConfig) -> list[int]:
+    """The steps whose checkpoints are evaluated during training: every `evaluate.every`-th
+    checkpoint and the last (as the ldm loop decides)."""
+    every, c, last = max(1, cfg.evaluate.every), cfg.ldm.checkpoint_every, cfg.ldm.max_steps
+    return [step for step in [*range(c, last, c), last] if step == last or (step // c) % every == 0]
+
+
 def evaluations_per_trial(cfg: PipelineConfig) -> int:
-    checkpoints = -(-cfg.ldm.max_steps // cfg.ldm.checkpoint_every)
-    return max(1, -(-checkpoints // max(1, cfg.evaluate.every)))
+    return len(evaluation_steps(cfg))
 
 
 def close_stopped_runs(tracking_uri: str, sweep_run_id: str) -> list[str]:
@@ -247,8 +263,10 @@ def run_sweep(config_file: str | None, overrides: list[str]) -> Path:
             tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"memory": 256 * 1024 ** 2}),
             param_space=space,
             tune_config=tune.TuneConfig(
-                metric=s.metric, mode=s.mode, num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent,
-                search_alg=BasicVariantGenerator(random_state=s.seed),
+                metric=s.metric, mode=s.mode, num_samples=s.num_samples,
+                # The limit goes to the generator itself: Tune applies `max_concurrent_trials` only
+                # to a `Searcher`, and silently runs every variant of this one at once.
+                search_alg=BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent),
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=evaluations + 1,
                                         grace_period=min(s.grace_evaluations, evaluations),
                                         reduction_factor=s.reduction_factor)),

@@ -58,6 +58,11 @@ def test_each_trial_trains_its_own_ldm_on_stages_shared_from_the_cache(sweep):
         else:  # stopped early by ASHA: its runs are closed, not left running
             assert trial["status"] == "stopped by ASHA", trial
             assert run.info.status == "KILLED"
+    # sweep.max_concurrent (1 here): the trials' ldm runs do not overlap in time.
+    spans = sorted((r.info.start_time, r.info.end_time) for r in client.search_runs(
+        [experiment], "tags.stage = 'ldm'") if r.data.tags.get("status") == "ran")
+    assert len(spans) == len(trials)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans
 
 
 def test_the_best_finished_trial_is_sampled_registered_and_goes_through_promotion(sweep):
