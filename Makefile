@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 WORKDIR ?= work
 
-.PHONY: install demo test test-fast mlflow-ui cluster-up cluster-down gpu-check clean
+.PHONY: install benchmark-data demo test test-fast mlflow-ui cluster-up cluster-down gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,15 +13,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The quality benchmark's real images (and its tests'): an npm package, checked against its hash.
+EMOJI_TGZ := data/emoji-datasource-twitter-16.0.0.tgz
+$(EMOJI_TGZ): | $(STAMP)
+	$(PY) -m pipeline.data.emoji fetch data
+
+benchmark-data: $(EMOJI_TGZ)
+
 # The whole workflow on the embedded demo; the last line printed is the path of summary.json.
 demo: install
 	$(PY) jobs/train_ldm.py workdir=$(WORKDIR)
 
-test: install
+test: install $(EMOJI_TGZ)
 	$(PY) -m pytest -q --durations=15
 
 # The lane to run while changing code: everything but the tests marked slow (CI runs `make test`).
-test-fast: install
+test-fast: install $(EMOJI_TGZ)
 	$(PY) -m pytest -q -m "not slow" --durations=10
 
 # Browse the runs of the local store the demo writes (<workdir>/mlflow.db).

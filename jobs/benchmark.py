@@ -8,12 +8,13 @@
     python jobs/benchmark.py train                           # the ldm stage's training loop vs a bare torch loop
     python jobs/benchmark.py train_eval                      # the ldm step time with evaluation during training on vs off
     python jobs/benchmark.py ema                             # ZeRO-3 step with the sharded EMA vs one gathering every step
+    python jobs/benchmark.py quality                         # the workflow on real emoji images: fidelity by a nearest-image judge, FD, CLIP score
 """
 import importlib
 import json
 import sys
 
-BENCHMARKS = ("unet", "sampler", "encode", "serve", "gpu_step", "ema", "train", "train_eval")
+BENCHMARKS = ("unet", "sampler", "encode", "serve", "gpu_step", "ema", "train", "train_eval", "quality")
 
 
 def main(argv: list[str]) -> int:
