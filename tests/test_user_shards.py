@@ -3,7 +3,8 @@ non-square JPEGs (half 2:1 landscapes, half 1:2 portraits) with free-form captio
 vocabulary), sharded with jobs/make_shards.py's `folder` path, trained at another image size (48)
 in aspect-ratio buckets through the real components, some captions longer than any text context, no
 prompts given (the samples are of held-out captions). The set is smaller than the default clip and
-ldm batches: they shrink to fit instead of waiting forever for a batch."""
+ldm batches: they shrink to fit instead of waiting forever for a batch. The first stage trains with
+the VQGAN objective (`vq.loss=vqgan`), its discriminator starting half way."""
 
 import csv
 import json
@@ -49,7 +50,7 @@ def test_own_folder_of_captioned_jpegs_at_another_size_in_buckets(ray_session, t
                     "--out", str(tmp_path / "shards"), "--shard-size", "64"], check=True, cwd=ROOT)
     cfg = load_config(None, [
         f"workdir={tmp_path / 'work'}", f"data.shards={tmp_path / 'shards'}", "data.image_size=48",
-        "vq.max_steps=6", "clip.max_steps=6", "ldm.max_steps=4", "ldm.sample_every=0", "samples.steps=3",
+        "vq.max_steps=6", "vq.loss=vqgan", "vq.disc_start=3", "clip.max_steps=6", "ldm.max_steps=4", "ldm.sample_every=0", "samples.steps=3",
         "samples.num_per_prompt=1", "samples.prompts=[]", "samples.heldout_prompts=2", f"serve.port={free_port}",
     ])
     summary = json.loads(run_workflow(cfg).read_text())
@@ -76,6 +77,11 @@ def test_own_folder_of_captioned_jpegs_at_another_size_in_buckets(ray_session, t
     client = MlflowClient(summary["tracking_uri"])
     children = client.search_runs([client.get_run(summary["mlflow_run_id"]).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")
+    vq_run = next(run for run in children if run.data.tags["stage"] == "vq")
+    # The discriminator trained (after the warm-up of 3 steps) beside the VQ, under Ray Train.
+    d_loss = client.get_metric_history(vq_run.info.run_id, "d_loss")
+    assert sorted(m.step for m in d_loss) == [4, 5, 6] and all(np.isfinite(m.value) for m in d_loss)
+    assert {"g_loss", "adv_weight", "perceptual_loss"} <= set(vq_run.data.metrics)
     encode_run = next(run for run in children if run.data.tags["stage"] == "encode")
     assert encode_run.data.metrics["buckets.32x64"] == 30 and encode_run.data.metrics["crop_max"] == 0.0
     assert not any(name.startswith("adherence") for name in stages["samples"]["metrics"])

@@ -8,6 +8,7 @@ from pipeline.config.errors import ConfigError
 from pipeline.config.errors import positive as _positive
 from pipeline.diffusion import ScheduleConfig
 from pipeline.models.vq import VQArchitecture
+from pipeline.training.vqgan import VQLoss
 
 
 @dataclass
@@ -65,8 +66,9 @@ class MLflowConfig:
 
 
 @dataclass
-class VQConfig(VQArchitecture):
-    """The vq stage: the architecture (`VQArchitecture`'s fields, smaller here), then its training."""
+class VQConfig(VQLoss, VQArchitecture):
+    """The vq stage: the architecture (`VQArchitecture`'s fields, smaller here), the objective
+    (`VQLoss`'s: `vq.loss`, plain or VQGAN), then its training."""
 
     hidden_channels: int = 32
     pretrained: str = ""
@@ -91,7 +93,14 @@ class VQConfig(VQArchitecture):
     def __post_init__(self):
         if self.downsample not in (4, 8):
             raise ConfigError(f"vq.downsample must be 4 or 8, got {self.downsample}")
-        super().__post_init__()
+        VQArchitecture.__post_init__(self)
+        try:
+            VQLoss.__post_init__(self)
+        except ValueError as err:
+            raise ConfigError(f"vq.{err}") from None
+        if self.loss == "vqgan" and self.disc_start >= self.max_steps:
+            raise ConfigError(f"vq.disc_start={self.disc_start} is not below vq.max_steps={self.max_steps}: "
+                              "the discriminator would never start")
         _positive("vq", max_steps=self.max_steps, batch_size=self.batch_size, num_workers=self.num_workers,
                   eval_batch_size=self.eval_batch_size)
         if self.warmup_steps < 0:

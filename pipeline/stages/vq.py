@@ -8,7 +8,7 @@ and `recon.png`, a held-out reconstruction grid. Metrics: held-out `psnr` and `c
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from pipeline.data.reader import read_captioned_images
 from pipeline.models.vq import VQModel, VQModelConfig
 from pipeline.ray_runtime import run_task, task_resources
 from pipeline.training.first_stage import FirstStageFit, fit_small_model
+from pipeline.training.vqgan import VQGANObjective, VQLoss
 
 # Enough held-out and training images for stable metrics and latent statistics, bounded in memory.
 MAX_EVAL_IMAGES = 1000
@@ -29,23 +30,40 @@ def model_config(cfg: PipelineConfig) -> VQModelConfig:
     return VQModelConfig.of(cfg.vq)
 
 
+def fit_config(cfg: PipelineConfig) -> dict:
+    """What every vq worker builds from: the model's config and the objective's (`vq.loss`)."""
+    return {"model": asdict(model_config(cfg)),
+            "loss": {f.name: getattr(cfg.vq, f.name) for f in fields(VQLoss)}, "lr": cfg.vq.lr}
+
+
 class VQFit(FirstStageFit):
-    """Reconstruction + commitment loss on the shard's images."""
+    """Reconstruction (pixel MSE) + commitment loss on the shard's images; with `vq.loss=vqgan`
+    also the patch discriminator's terms (`pipeline.training.vqgan`), its step after each of ours."""
 
     name = "vq"
 
     def __init__(self, model_config: dict, rank: int, world_size: int, device: torch.device):
         import ray.train.torch
 
-        self.core = VQModel(VQModelConfig(**model_config))
+        self.core = VQModel(VQModelConfig(**model_config["model"]))
         self.model = ray.train.torch.prepare_model(self.core)
         self.device = device
+        objective = VQLoss(**model_config["loss"])
+        self.gan = (VQGANObjective(objective, device, model_config["lr"], ray.train.torch.prepare_model)
+                    if objective.loss == "vqgan" else None)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float], int]:
         images = images_to_tensor(batch["image"]).to(self.device)
         recon, _, commit_loss = self.model(images)
         recon_loss = F.mse_loss(recon, images)
-        return recon_loss + commit_loss, {"recon_loss": recon_loss.item()}, len(images)
+        metrics = {"recon_loss": recon_loss.item()}
+        if self.gan is None:
+            return recon_loss + commit_loss, metrics, len(images)
+        loss, more = self.gan.generator_loss(images, recon, recon_loss, self.core.decoder[-1].weight)
+        return loss + commit_loss, {**metrics, **more}, len(images)
+
+    def after_step(self) -> dict[str, float] | None:
+        return self.gan.discriminator_step() if self.gan is not None else None
 
     def save(self, directory: str) -> None:
         self.core.save(directory)
@@ -148,7 +166,7 @@ def run_vq(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | 
     if not cfg.vq.pretrained:
         # Materialised here (not only inside the fit) so the latent scale below reads no shard again.
         train_ds = train_ds.limit(cfg.vq.max_train_images).materialize()
-        fit_small_model(VQFit, asdict(model_config(cfg)), cfg.vq, seed=cfg.seed, tracking_uri=cfg.tracking_uri,
+        fit_small_model(VQFit, fit_config(cfg), cfg.vq, seed=cfg.seed, tracking_uri=cfg.tracking_uri,
                         run_id=run_id, train_ds=train_ds, out_dir=out_dir, workdir=cfg.workdir)
     return run_task(finish_vq, str(source), str(out_dir), train_ds.limit(MAX_EVAL_IMAGES).materialize(), heldout,
                     cfg.vq.eval_batch_size, **task_resources(cfg.vq))

@@ -45,8 +45,9 @@ class FirstStageFit(abc.ABC):
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float], int]:
         """The loss of one numpy batch of the shard, the metrics to log beside it, and its image count."""
 
-    def after_step(self) -> None:
-        """Called after each optimizer step (e.g. to clamp a parameter)."""
+    def after_step(self) -> dict[str, float] | None:
+        """Called after each optimizer step (e.g. to clamp a parameter, or to step a second model);
+        may return more metrics of the step."""
 
     @abc.abstractmethod
     def save(self, directory: str) -> None:
@@ -91,8 +92,8 @@ def train_step(model: FirstStageFit, optimizer, scheduler, batch: dict) -> tuple
     loss.backward()
     optimizer.step()
     scheduler.step()
-    model.after_step()
-    return loss.item(), metrics, count
+    more = model.after_step()
+    return loss.item(), {**metrics, **(more or {})}, count
 
 
 def first_stage_train_loop(config: dict) -> None:
