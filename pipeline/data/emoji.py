@@ -149,23 +149,29 @@ def read_images(tgz: str | os.PathLike, emoji: list[Emoji]) -> dict[str, bytes]:
 
 def write_emoji_shards(tgz: str | os.PathLike, out_dir: str | os.PathLike, shard_size: int = 1000) -> dict:
     """Shards of every emoji except the composed pairs; returns the manifest (also written as
-    `<out_dir>/manifest.json`): the shards, the training emoji and the held-out pairs."""
+    `<out_dir>/manifest.json`): the shards, the training emoji and the held-out pairs. Shards
+    already written from this package are kept: the stage cache knows shards by size and mtime, so
+    rewriting them would retrain every stage."""
     from pipeline.data.shards import write_shards
 
+    out = Path(out_dir)
+    done = out / "manifest.json"
+    if done.is_file() and (manifest := json.loads(done.read_text())).get("package") == f"{PACKAGE}@{VERSION}" \
+            and all(Path(shard).is_file() for shard in manifest.get("files", [])) and manifest.get("files"):
+        return manifest
     emoji = catalogue(tgz)
     held = {e.key for e in composed_pairs(emoji)}
     images = read_images(tgz, emoji)
     train = [e for e in emoji if e.key not in held]
-    out = Path(out_dir)
 
     def samples() -> Iterator:
         for e in train:
             yield e.key, images[e.key], "png", e.caption, {"base": e.base, "tone": e.tone}
 
     shards = write_shards(samples(), out / "shards", shard_size=shard_size)
-    manifest = {"package": f"{PACKAGE}@{VERSION}", "shards": str(out / "shards"), "num_images": len(emoji),
-                "num_composed": len(held), "composed": sorted(held)}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    manifest = {"package": f"{PACKAGE}@{VERSION}", "shards": str(out / "shards"), "files": shards,
+                "num_images": len(emoji), "num_composed": len(held), "composed": sorted(held)}
+    done.write_text(json.dumps(manifest, indent=1))
     return manifest
 
 

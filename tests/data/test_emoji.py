@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tarfile
+from pathlib import Path
 
 from pipeline.data import emoji as E
 
@@ -30,3 +31,7 @@ def test_shards_leave_the_composed_pairs_out(tmp_path):
             keys |= {name.split(".")[0] for name in tar.getnames()}
     assert len(keys) == manifest["num_images"] - manifest["num_composed"]
     assert not keys & set(manifest["composed"])
+    # Written once: the stage cache knows shards by size and mtime, so a rewrite would retrain everything.
+    mtimes = {shard: Path(shard).stat().st_mtime_ns for shard in manifest["files"]}
+    assert E.write_emoji_shards(E.require(), tmp_path, shard_size=2000) == manifest
+    assert {shard: Path(shard).stat().st_mtime_ns for shard in manifest["files"]} == mtimes
