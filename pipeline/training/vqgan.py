@@ -123,20 +123,23 @@ class VQGANObjective:
         adversarial term; returns it and its parts' metrics.
         The discriminator runs unwrapped here: its gradients from this pass are discarded."""
         nll, metrics = rec_loss, {}
-        with torch.no_grad():
-            _, real_feats = self.core.features(images)
+        self._pending = (images.detach(), recon.detach())
+        adversarial = self.adversarial and self.cfg.disc_weight > 0
+        if not (adversarial or self.cfg.perceptual_weight):
+            return nll, metrics  # neither term is on yet: no discriminator pass at all
         fake_logits, fake_feats = self.core.features(recon)
         if self.cfg.perceptual_weight:
+            with torch.no_grad():  # the real images' features: only the perceptual term reads them
+                _, real_feats = self.core.features(images)
             perceptual = feature_matching(real_feats, fake_feats)
             nll = nll + self.cfg.perceptual_weight * perceptual
             metrics["perceptual_loss"] = perceptual.item()
         loss = nll
-        if self.adversarial and self.cfg.disc_weight:
+        if adversarial:
             g_loss = -fake_logits.mean()
             weight = adaptive_weight(nll, g_loss, last_layer, self.cfg.disc_weight)
             loss = loss + weight * g_loss
             metrics |= {"g_loss": g_loss.item(), "adv_weight": weight.item()}
-        self._pending = (images.detach(), recon.detach())
         return loss, metrics
 
     def discriminator_step(self) -> dict[str, float]:
