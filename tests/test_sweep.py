@@ -57,7 +57,10 @@ def test_each_trial_trains_its_own_ldm_on_stages_shared_from_the_cache(sweep):
             assert [p["fd"] for p in trial["in_training"]] == pytest.approx([m.value for m in history])
         else:  # stopped early by ASHA: its runs are closed, not left running
             assert trial["status"] == "stopped by ASHA", trial
-            assert run.info.status == "KILLED"
+            # KILLED when stopped mid-workflow; FINISHED when ASHA's stop came at a rung reported
+            # after the workflow had ended (here the evaluations only run once training is done).
+            assert run.info.status in ("KILLED", "FINISHED"), run.info.status
+            assert not [r for r in stages.values() if r.info.status == "RUNNING"], stages
     # sweep.max_concurrent (1 here): the trials' ldm runs do not overlap in time.
     spans = sorted((r.info.start_time, r.info.end_time) for r in client.search_runs(
         [experiment], "tags.stage = 'ldm'") if r.data.tags.get("status") == "ran")
