@@ -27,6 +27,8 @@ from pipeline.workflow import STAGES, Workflow
 
 # A trial's workflow polls its ldm run for new in-training figures this often.
 POLL_S = 5.0
+MAX_EVALUATIONS = 100
+"""ASHA's bound on a trial's in-training evaluations where its budget is not known before it runs."""
 # Keys a trial cannot vary: where things run and are recorded, and the sweep itself.
 NOT_SWEPT = ("workdir", "ray_address", "mlflow", "sweep", "serve")
 
@@ -139,16 +141,18 @@ class TrialWorkflow:
     def run(self) -> dict:
         return self.workflow.run()
 
-    def ldm_progress(self, kind: str) -> tuple[str, str] | None:
-        """(the ldm stage's MLflow run, the name of its in-training `kind` metric) once it began."""
+    def ldm_progress(self, kind: str) -> tuple[str, str, list[int]] | None:
+        """(the ldm stage's MLflow run, the name of its in-training `kind` metric, the steps it
+        evaluates at) once it began."""
         from pipeline.stages.evaluate import metric_name, promotion_scale
 
         w = self.workflow
         if "ldm" not in w.stage_runs:
             return None
         spec = w.encoder_spec()
-        return w.stage_runs["ldm"], metric_name(kind, spec.fd_name if kind == "fd" else spec.score_name,
-                                                promotion_scale(w.cfg))
+        return (w.stage_runs["ldm"], metric_name(kind, spec.fd_name if kind == "fd" else spec.score_name,
+                                                 promotion_scale(w.cfg)),
+                evaluation_steps(w.cfg))  # its budget resolved from the data (pipeline.recipe)
 
 
 def run_trial(params: dict, plan: SweepPlan) -> None:
@@ -159,7 +163,7 @@ def run_trial(params: dict, plan: SweepPlan) -> None:
 
     context = tune.get_context()
     name = f"trial-{context.get_trial_id()}"
-    expected = evaluation_steps(plan.trial_config(params))
+    expected: list[int] = []
     runner = TrialWorkflow.options(scheduling_strategy="DEFAULT").remote(plan, params, name)
     done = runner.run.remote()
     client, values, reported, last = None, {}, [], None
@@ -174,7 +178,7 @@ def run_trial(params: dict, plan: SweepPlan) -> None:
         finished = bool(ray.wait([done], timeout=POLL_S)[0])
         progress = ray.get(runner.ldm_progress.remote(plan.metric))
         if progress:
-            run_id, metric = progress
+            run_id, metric, expected = progress
             client = client or MlflowClient(plan_tracking_uri(plan, params))
             values.update({point.step: point.value for point in client.get_metric_history(run_id, metric)})
         # In step order: evaluations may finish out of order (several at once after training, on a
@@ -187,7 +191,7 @@ def run_trial(params: dict, plan: SweepPlan) -> None:
             break
     result = ray.get(done)  # the workflow's error, if it failed, fails the trial
     evaluate = result["stages"]["evaluate"]["metrics"]
-    _, metric = ray.get(runner.ldm_progress.remote(plan.metric))
+    _, metric, _ = ray.get(runner.ldm_progress.remote(plan.metric))
     final = evaluate[metric]
     tune.report({plan.metric: last if last is not None else final, f"final_{plan.metric}": final,
                  "step": result["stages"]["ldm"]["metrics"].get("steps", 0),
@@ -207,7 +211,9 @@ def evaluation_steps(cfg: PipelineConfig) -> list[int]:
 
 
 def evaluations_per_trial(cfg: PipelineConfig) -> int:
-    return len(evaluation_steps(cfg))
+    """ASHA's rungs: the evaluations of a trial whose ldm budget is known, else a bound (the budget
+    comes from the data, and a trial's encode stage is its own when the sweep varies it)."""
+    return len(evaluation_steps(cfg)) if cfg.ldm.max_steps else MAX_EVALUATIONS
 
 
 def close_stopped_runs(tracking_uri: str, sweep_run_id: str) -> list[str]:
@@ -251,11 +257,14 @@ def run_sweep(config_file: str | None, overrides: list[str]) -> Path:
         mlflow.log_params({**{f"sweep.space.{k}": str(v) for k, v in flat_space(s.space).items()},
                            "sweep.num_samples": s.num_samples, "sweep.metric": s.metric,
                            "sweep.shared_stages_until": until or ""})
+        cfg_for_rungs = cfg
         if until:  # once, here: every trial then finds them in the cache
             print(f"[sweep] the stages every trial shares, up to {until}", flush=True)
-            Workflow(cfg, until=until, parent_run_id=sweep.info.run_id, run_name="shared stages").run()
+            shared = Workflow(cfg, until=until, parent_run_id=sweep.info.run_id, run_name="shared stages")
+            shared.run()
+            cfg_for_rungs = shared.cfg  # with the ldm's budget resolved, once encode is shared
         plan = SweepPlan(config_file, overrides, sweep.info.run_id, s.metric, s.mode)
-        evaluations = evaluations_per_trial(cfg)
+        evaluations = evaluations_per_trial(cfg_for_rungs)
         print(f"[sweep] {s.num_samples} trials over {sorted(space)}, {s.max_concurrent} at a time; ASHA on the "
               f"in-training {s.metric} ({evaluations} evaluations per trial)", flush=True)
         tuner = tune.Tuner(

@@ -25,6 +25,7 @@ from pipeline.config import PipelineConfig, to_yaml
 from pipeline.data.locate import resolve_shards, shard_fingerprints
 from pipeline.data.shards import write_demo_shards
 from pipeline.ray_runtime import init_ray, run_task
+from pipeline.recipe import global_batch, with_ldm_budget
 from pipeline.stages.cache import StageResult, content_key, dir_digest, run_stage
 from pipeline.tracking import to_flat_dict
 
@@ -101,7 +102,9 @@ def _ldm(w: Workflow, out: Path, run_id: str) -> dict:
     during = checkpoint_eval_plan(w.cfg, w.shards, w.listing, w.encoder_spec()) if run_id else None
     metrics = run_ldm(w.cfg, w.output("encode"), out, run_id, name=f"ldm-{key}", prompts=w.prompts, evaluation=during)
     registered = log_package(out, w.output("encode"), w.output("vq"), w.output("clip"), w.cfg, run_id)
-    return {**metrics, "model_version": int(registered["version"])}
+    if run_id:
+        mlflow.MlflowClient(w.cfg.tracking_uri).set_tag(run_id, "recipe.ldm", w.budget.reason)
+    return {**metrics, "steps": w.budget.max_steps, "epochs": w.budget.epochs, "model_version": int(registered["version"])}
 
 
 def _samples(w: Workflow, out: Path, run_id: str) -> dict:
@@ -124,10 +127,6 @@ def _promote(w: Workflow, out: Path, run_id: str) -> dict:
 
 LDM_LAYOUT = ("ldm.num_workers", "ldm.batch_size", "ldm.grad_accum", "ldm.cpus_per_worker", "ldm.use_gpu",
               "ldm.max_failures", "ldm.stall_timeout_s", "ldm.log_every")
-
-
-def global_batch(ldm) -> int:
-    return ldm.batch_size * ldm.num_workers * ldm.grad_accum
 
 
 STAGES = (
@@ -225,6 +224,8 @@ class Workflow:
         self.until = until
         self.skip = tuple(skip)
         self.parent_run_id, self.run_name = parent_run_id, run_name
+        self.budget = None
+        """The ldm stage's budget (`pipeline.recipe.Budget`), once the encode stage has run."""
         self.stage_runs: dict[str, str] = {}
         """The MLflow run of each stage begun, as soon as it begins (a sweep reads the ldm run's FD curve)."""
         self.workdir = Path(cfg.workdir).resolve()
@@ -281,6 +282,10 @@ class Workflow:
                     continue
                 result = self._run(stage)
                 mlflow.log_metrics(headline_metrics(stage, result))  # on the workflow run
+                if stage.name == "encode":  # the ldm's budget, where the config leaves it to the data
+                    self.cfg, self.budget = with_ldm_budget(self.cfg, result.output)
+                    print(f"[recipe] ldm: {self.budget.reason}", flush=True)
+                    mlflow.set_tag("recipe.ldm", self.budget.reason)
                 if stage.name == "shards":
                     self.found_shards(resolve_shards(str(result.output)))
                 if stage.name == self.until:

@@ -35,6 +35,7 @@ def test_defaults_are_the_demo_and_overrides_apply():
     ("vq.use_gpu=perhaps", "vq.use_gpu"),
     ("ldm.zero_stage=5", "ldm.zero_stage"),
     ("ldm.precision=fp8", "ldm.precision"),
+    ("ldm.lr_schedule=linear", "ldm.lr_schedule"),
     ("vq.downsample=3", "vq.downsample"),
     ("ldm.schedule.beta_schedule=wavy", "beta_schedule"),
     ("data.image_size=2", "data.image_size"),
@@ -105,6 +106,26 @@ def test_first_stage_lr_warms_up_then_decays_to_zero():
     assert lrs[:4] == [0.5, 1.0, 1.5, 2.0]  # the first step already trains, at lr / warmup
     assert lrs[4] == 2.0 and all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.2
     assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_the_ldm_lr_warms_up_then_follows_its_schedule(schedule):
+    import torch
+
+    from pipeline.training.ldm_loop import lr_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    scheduler = lr_scheduler(optimizer, warmup_steps=4, schedule=schedule, max_steps=12)
+    lrs = []
+    for _ in range(12):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == [0.5, 1.0, 1.5, 2.0]
+    if schedule == "cosine":  # ldm.lr_schedule's default: to zero at ldm.max_steps
+        assert all(a > b for a, b in zip(lrs[4:], lrs[5:])) and scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    else:
+        assert lrs[4:] == [2.0] * 8
 
 
 def test_an_image_size_a_pretrained_vq_cannot_encode_for_the_unet_fails_before_any_read(tmp_path):

@@ -91,7 +91,7 @@ def test_the_best_finished_trial_is_sampled_registered_and_goes_through_promotio
     ("sweep.space.ldm.lrr=[1e-3]", "sweep.space.ldm.lrr"),
     ("sweep.space.ldm.lr=logunif(1e-4,1e-3)", "neither a list nor one of loguniform"),
     ("sweep.space.ldm.lr=loguniform(1e-3,1e-4)", "two numbers a < b"),
-    ("sweep.space.ldm.max_steps=[0,10]", "ldm.max_steps must be > 0"),
+    ("sweep.space.ldm.max_steps=[-1,10]", "ldm.max_steps and ldm.epochs must be >= 0"),
     ("sweep.space.mlflow.experiment_name=[a,b]", "not something a trial can vary"),
 ])
 def test_a_bad_search_space_names_its_key_before_anything_runs(override, message):

@@ -50,7 +50,7 @@ def test_own_folder_of_captioned_jpegs_at_another_size_in_buckets(ray_session, t
                     "--out", str(tmp_path / "shards"), "--shard-size", "64"], check=True, cwd=ROOT)
     cfg = load_config(None, [
         f"workdir={tmp_path / 'work'}", f"data.shards={tmp_path / 'shards'}", "data.image_size=48",
-        "vq.max_steps=6", "vq.loss=vqgan", "vq.disc_start=3", "clip.max_steps=6", "ldm.max_steps=4", "ldm.sample_every=0", "samples.steps=3",
+        "vq.max_steps=6", "vq.loss=vqgan", "vq.disc_start=3", "clip.max_steps=6", "ldm.epochs=2", "ldm.sample_every=0", "samples.steps=3",
         "samples.num_per_prompt=1", "samples.prompts=[]", "samples.heldout_prompts=2", f"serve.port={free_port}",
     ])
     summary = json.loads(run_workflow(cfg).read_text())
@@ -72,6 +72,8 @@ def test_own_folder_of_captioned_jpegs_at_another_size_in_buckets(ray_session, t
     ldm = stages["ldm"]["metrics"]
     assert ldm["global_batch"] == 30 and ldm["bucket_batches_per_epoch"] == {"32x64": 1, "64x32": 1}
     assert ldm["samples_unused_per_epoch"] == 0
+    # The budget in epochs (ldm.max_steps left at 0): 2 passes of 2 global batches, and why.
+    assert (ldm["steps"], ldm["epochs"]) == (4, 2)
     from mlflow import MlflowClient
 
     client = MlflowClient(summary["tracking_uri"])
@@ -82,6 +84,10 @@ def test_own_folder_of_captioned_jpegs_at_another_size_in_buckets(ray_session, t
     d_loss = client.get_metric_history(vq_run.info.run_id, "d_loss")
     assert sorted(m.step for m in d_loss) == [4, 5, 6] and all(np.isfinite(m.value) for m in d_loss)
     assert {"g_loss", "adv_weight", "perceptual_loss"} <= set(vq_run.data.metrics)
+    ldm_run = next(run for run in children if run.data.tags["stage"] == "ldm")
+    assert ldm_run.data.params["ldm.max_steps"] == "4"
+    assert ldm_run.data.tags["recipe.ldm"] == "ldm.epochs=2 is set: 4 steps of 2 an epoch"
+    assert len(client.get_metric_history(ldm_run.info.run_id, "loss")) == 4
     encode_run = next(run for run in children if run.data.tags["stage"] == "encode")
     assert encode_run.data.metrics["buckets.32x64"] == 30 and encode_run.data.metrics["crop_max"] == 0.0
     assert not any(name.startswith("adherence") for name in stages["samples"]["metrics"])

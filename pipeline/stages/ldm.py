@@ -23,6 +23,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data.buckets import latent_buckets, main_bucket, trained_sizes
 from pipeline.models.unet import unet_config
 from pipeline.ray_runtime import check_cpus_left_for_streaming, fit
+from pipeline.recipe import with_ldm_budget
 from pipeline.tracking import replay_when_back
 from pipeline.training.checkpoint import count_parameters, read_progress
 from pipeline.training.checkpoint_eval import CheckpointEvalPlan, CheckpointEvaluator, summarize
@@ -56,7 +57,7 @@ def build_loop_config(cfg: PipelineConfig, latents_dir: Path, run_id: str | None
     return LDMLoopConfig(
         unet=asdict(unet), schedule=asdict(ldm.schedule), latents_dir=str(latents_dir),
         latent_scale=meta["latent_scale"], rows=rows, seed=cfg.seed, lr=ldm.lr, weight_decay=ldm.weight_decay,
-        warmup_steps=ldm.warmup_steps,
+        warmup_steps=ldm.warmup_steps, lr_schedule=ldm.lr_schedule,
         batch_size=fit_batch_size(largest // ldm.grad_accum, ldm.batch_size, ldm.num_workers, "ldm"),
         grad_accum=ldm.grad_accum, grad_clip=ldm.grad_clip, zero_stage=ldm.zero_stage, precision=ldm.precision,
         p_uncond=ldm.p_uncond, ema_decay=ldm.ema_decay, max_steps=ldm.max_steps,
@@ -119,6 +120,8 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
     `ldm.stream_latents` streams them with Ray Data's dynamic split instead (latent sets larger
     than a worker's memory; resumes at the right step, not with the same batches).
     """
+    if not cfg.ldm.max_steps:  # the budget left to the data (the workflow resolves it after encode)
+        cfg = with_ldm_budget(cfg, latents_dir)[0]
     ldm, workers = cfg.ldm, cfg.ldm.num_workers
     datasets = None
     buckets = latent_buckets(json.loads((latents_dir / "metadata.json").read_text()))

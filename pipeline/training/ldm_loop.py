@@ -32,6 +32,7 @@ from pipeline.tracking import MetricLogger
 from pipeline.training.checkpoint import checkpoint_progress, export_unet, load_checkpoint, save_checkpoint, to_universal
 from pipeline.training.ema import EMA
 from pipeline.training.faults import FaultInjection
+from pipeline.training.first_stage import warmup_cosine
 from pipeline.training.grids import GridConfig, SampleGrids
 from pipeline.training.health import grad_norm, sum_over_ranks, weights_finite
 from pipeline.training.latents import SampleRandomness, StreamBatches, TableBatches, positions
@@ -56,6 +57,8 @@ class LDMLoopConfig:
     lr: float
     weight_decay: float
     warmup_steps: int
+    lr_schedule: str
+    """'cosine' (to zero at max_steps) or 'constant' after the warmup."""
     batch_size: int
     """Micro batch per worker."""
     grad_accum: int
@@ -136,13 +139,21 @@ def setup_model_and_optimizer(loop: LDMLoopConfig, world_size: int, load_univers
     model = UNet(UNetConfig(**loop.unet)).use_fused_paths(loop.zero_stage != 3).to(ray.train.torch.get_device())
     # foreach: one kernel per step for all parameters (torch picks it by default on CUDA only).
     optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay, foreach=True)
-    warmup = max(1, loop.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    scheduler = lr_scheduler(optimizer, loop.warmup_steps, loop.lr_schedule, loop.max_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(loop, world_size, load_universal))
     if world_size == 1 and loop.zero_stage == 0:
         engine.enable_backward_allreduce = False  # one worker: its gradients are already the mean
     return engine, scheduler
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, schedule: str, max_steps: int):
+    """The linear warmup, then `schedule` (`ldm.lr_schedule`; a function of the optimizer step, so
+    exact on resume)."""
+    if schedule == "cosine":
+        return warmup_cosine(optimizer, warmup_steps, max_steps)
+    warmup = max(1, warmup_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
 
 
 def next_batch(batches, step: int, micro: int) -> tuple[tuple[torch.Tensor, Conditioning], float]:
