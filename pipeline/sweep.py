@@ -206,8 +206,10 @@ def plan_tracking_uri(plan: SweepPlan, params: dict) -> str:
 def evaluation_steps(cfg: PipelineConfig) -> list[int]:
     """The steps whose checkpoints are evaluated during training: every `evaluate.every`-th
     checkpoint and the last (as the ldm loop decides)."""
-    every, c, last = max(1, cfg.evaluate.every), cfg.ldm.checkpoint_every, cfg.ldm.max_steps
-    return [step for step in [*range(c, last, c), last] if step == last or (step // c) % every == 0]
+    from pipeline.training.checkpoint_eval import evaluated_at
+
+    c, last = cfg.ldm.checkpoint_every, cfg.ldm.max_steps
+    return [step for step in [*range(c, last, c), last] if evaluated_at(step, c, cfg.evaluate.every, last)]
 
 
 def evaluations_per_trial(cfg: PipelineConfig) -> int:

@@ -73,6 +73,12 @@ def evaluate_checkpoint(plan: CheckpointEvalPlan, model_parts: dict, weights: di
     return metrics
 
 
+def evaluated_at(step: int, checkpoint_every: int, every: int, max_steps: int) -> bool:
+    """Whether the checkpoint of `step` is evaluated during training: every `every`-th checkpoint,
+    and the last (the ldm loop decides by it; a sweep's trials expect their reports by it)."""
+    return step >= max_steps or (step % checkpoint_every == 0 and (step // checkpoint_every) % max(1, every) == 0)
+
+
 @ray.remote(num_cpus=0)
 class CheckpointEvaluator:
     """The driver's: takes checkpoints' EMA weights from rank 0 and scores each in its own task.

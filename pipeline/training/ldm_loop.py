@@ -30,6 +30,7 @@ from pipeline.models.unet import UNet, UNetConfig
 from pipeline.ray_runtime import ProgressLine
 from pipeline.tracking import MetricLogger
 from pipeline.training.checkpoint import checkpoint_progress, export_unet, load_checkpoint, save_checkpoint, to_universal
+from pipeline.training.checkpoint_eval import evaluated_at
 from pipeline.training.ema import EMA
 from pipeline.training.faults import FaultInjection
 from pipeline.training.first_stage import warmup_cosine
@@ -298,8 +299,8 @@ class Trainer:
                               "nonfinite_steps": self.state.nonfinite_steps},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
         loop = self.loop
-        if loop.evaluator is not None and self.ema.keep and (
-                final or (self.state.step // loop.checkpoint_every) % loop.evaluate_every == 0):
+        if loop.evaluator is not None and self.ema.keep and evaluated_at(
+                self.state.step, loop.checkpoint_every, loop.evaluate_every, loop.max_steps):
             # Not waited for: the evaluation runs in its own task, beside training where there is room.
             loop.evaluator.submit.remote(self.state.step, {k: v.detach().cpu() for k, v in weights.items()})
 
