@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 EPOCHS_REPEATED = 22.0
@@ -38,9 +38,6 @@ class Budget:
     steps_per_epoch: int
     """Global batches an epoch (each from one aspect-ratio bucket; a bucket's remainder waits)."""
     reason: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def auto_epochs(samples: int, distinct_captions: int) -> float:
