@@ -66,9 +66,41 @@ class MLflowConfig:
 
 
 @dataclass
-class VQConfig(VQLoss, VQArchitecture):
+class WorkerGroup:
+    """The Ray Train worker group of a stage that trains (vq, clip, ldm): `num_workers` workers of
+    `cpus_per_worker` CPUs (their torch threads) each, and a GPU each with `use_gpu`. The fields
+    stay flat in each section (`vq.num_workers`, `ldm.use_gpu`, ...)."""
+
+    num_workers: int = 1
+    cpus_per_worker: int = 2
+    use_gpu: bool = False
+
+
+@dataclass
+class FirstStageTraining(WorkerGroup):
+    """The training fields of the stages that fit a model for the ldm to build on (vq and clip, both
+    fitted by `pipeline.training.first_stage.fit_small_model`). Each stage sets its own `max_steps`,
+    `batch_size` and `warmup_steps`."""
+
+    max_steps: int = 1000
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    """Linear LR warmup, then cosine decay to zero at max_steps."""
+    max_train_images: int = 50_000
+    """Training samples materialised in the object store for the stage's fit (a subset on large data)."""
+
+    def check_training(self, section: str, **more: int) -> None:
+        """ConfigError naming `section`'s key when a training field (or one of `more`) is out of range."""
+        _positive(section, max_steps=self.max_steps, batch_size=self.batch_size, num_workers=self.num_workers, **more)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{section}.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class VQConfig(VQLoss, VQArchitecture, FirstStageTraining):
     """The vq stage: the architecture (`VQArchitecture`'s fields, smaller here), the objective
-    (`VQLoss`'s: `vq.loss`, plain or VQGAN), then its training."""
+    (`VQLoss`'s: `vq.loss`, plain or VQGAN), then its training (`FirstStageTraining`'s)."""
 
     hidden_channels: int = 32
     pretrained: str = ""
@@ -78,37 +110,25 @@ class VQConfig(VQLoss, VQArchitecture):
     """On the demo (offline, batch 32, cosine): held-out PSNR 23.6 dB after 400 steps, 29.6 after
     1200, 30.9 after 1600; at 400 the decoded colours are visibly off, and so are the samples'."""
     batch_size: int = 32
-    lr: float = 2e-3
     warmup_steps: int = 20
-    """Linear LR warmup, then cosine decay to zero at max_steps."""
-    max_train_images: int = 50_000
-    """Training images materialised in the object store for the vq fit (a subset on large data)."""
     eval_batch_size: int = 64
     """Images per chunk when the latent scale and the held-out metrics are measured (bounds the
     evaluation task's memory: at 256 px and 128 channels one activation of 64 images is ~2 GiB)."""
-    num_workers: int = 1
-    cpus_per_worker: int = 2
-    use_gpu: bool = False
 
     def __post_init__(self):
-        if self.downsample not in (4, 8):
-            raise ConfigError(f"vq.downsample must be 4 or 8, got {self.downsample}")
-        VQArchitecture.__post_init__(self)
         try:
+            VQArchitecture.__post_init__(self)
             VQLoss.__post_init__(self)
         except ValueError as err:
             raise ConfigError(f"vq.{err}") from None
         if self.loss == "vqgan" and self.disc_start >= self.max_steps:
             raise ConfigError(f"vq.disc_start={self.disc_start} is not below vq.max_steps={self.max_steps}: "
                               "the discriminator would never start")
-        _positive("vq", max_steps=self.max_steps, batch_size=self.batch_size, num_workers=self.num_workers,
-                  eval_batch_size=self.eval_batch_size)
-        if self.warmup_steps < 0:
-            raise ConfigError(f"vq.warmup_steps must be >= 0, got {self.warmup_steps}")
+        self.check_training("vq", eval_batch_size=self.eval_batch_size)
 
 
 @dataclass
-class ClipConfig:
+class ClipConfig(FirstStageTraining):
     model: str = "tiny"
     """'tiny' (this project's small CLIP, trained here) or any open_clip model name."""
     pretrained: str = ""
@@ -127,22 +147,13 @@ class ClipConfig:
     """Contrastive steps. On the demo, 100 left the text features worse for conditioning than
     random ones (retrieval of the right shape/colour/position 0.17); 250 learn it (1.0)."""
     batch_size: int = 128
-    lr: float = 2e-3
     warmup_steps: int = 25
-    """Linear LR warmup, then cosine decay to zero at max_steps."""
-    max_train_images: int = 50_000
-    """Training samples materialised in the object store for the clip fit."""
-    num_workers: int = 1
-    cpus_per_worker: int = 2
-    use_gpu: bool = False
 
     def __post_init__(self):
-        _positive("clip", max_steps=self.max_steps, batch_size=self.batch_size, num_workers=self.num_workers)
+        self.check_training("clip")
         if self.context_length < 0 or 0 < self.context_length < 2:
             raise ConfigError(f"clip.context_length must be 0 (sized from the captions) or at least 2 "
                               f"(start and end tokens), got {self.context_length}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"clip.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -158,7 +169,7 @@ class EncodeConfig:
 
 
 @dataclass
-class LDMConfig:
+class LDMConfig(WorkerGroup):
     preset: str = "tiny"
     """UNet preset name (pipeline.models.unet.UNET_PRESETS)."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -170,6 +181,8 @@ class LDMConfig:
     the choice and its reason are printed and logged on the ldm run."""
     batch_size: int = 32
     """Micro batch per worker; global batch = batch_size x num_workers x grad_accum."""
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
     grad_accum: int = 1
     lr: float = 1e-3
     warmup_steps: int = 50
@@ -186,9 +199,6 @@ class LDMConfig:
     checkpoint_every: int = 500
     """Steps between checkpoints (the last step is always checkpointed): what a failure loses."""
     keep_checkpoints: int = 2
-    num_workers: int = 2
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
     max_failures: int = 0
     """Worker failures Ray Train recovers from by restarting from the latest checkpoint (a lost
     node counts as one)."""

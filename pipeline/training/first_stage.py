@@ -118,9 +118,9 @@ def first_stage_train_loop(config: dict) -> None:
 
 def fit_small_model(fit_class: type[FirstStageFit], model_config: dict, section, *, seed: int, tracking_uri: str,
                     run_id: str | None, train_ds, out_dir: Path, workdir: str | Path) -> None:
-    """Fit a first-stage model whose config section has the usual training fields (lr, warmup_steps,
-    batch_size, max_steps, num_workers, cpus_per_worker, use_gpu, max_train_images) and copy its
-    final checkpoint into `out_dir`.
+    """Fit a first-stage model by its config section's training fields (`section` is a
+    `pipeline.config.training.FirstStageTraining`: vq's or clip's) and copy its final checkpoint
+    into `out_dir`.
 
     The training set is materialised first, so the trainers can hold every CPU of a small machine
     without starving Ray Data's read tasks.
