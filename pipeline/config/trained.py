@@ -57,9 +57,20 @@ class SamplesConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class TaskResources:
+    """What each Ray task or replica of a section asks for (`evaluate.num_cpus`, `serve.num_gpus`, ...);
+    its CPUs are also its torch threads."""
+
+    num_cpus: float = 2
+    num_gpus: float = 0
+
+
+@dataclass
+class EvaluateConfig(TaskResources):
     """The evaluate stage and jobs/evaluate.py (pipeline/evaluation.py): held-out captions sampled at
-    each guidance scale, FD and CLIP score against the held-out images, per scale."""
+    each guidance scale, FD and CLIP score against the held-out images, per scale. `num_cpus` and
+    `num_gpus`: the resources of each generation task (one per guidance scale, side by side where
+    there is room)."""
 
     guidance_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0])
     num_images: int = 500
@@ -73,9 +84,6 @@ class EvaluateConfig:
     batch_size: int = 50
     grid_images: int = 16
     """Images of the grid logged per guidance scale, each with its caption."""
-    num_cpus: float = 2
-    num_gpus: float = 0
-    """Resources of each generation task (one per guidance scale, side by side where there is room)."""
     every: int = 1
     """During training: evaluate every `every`-th ldm checkpoint (and the last) beside training, at
     the promotion guidance scale, into the ldm run at its step (the FD curve); 0: only after it."""
@@ -107,15 +115,15 @@ class PromoteConfig:
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(TaskResources):
+    """The serving app's sampler (`pipeline.serve`). `num_cpus` and `num_gpus`: the sampler replica's
+    (its CPUs its torch threads; the default 2 is what the demo machine has)."""
+
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.05
     """How long the sampler waits to fill a batch; small against a sampling call's seconds."""
-    num_cpus: float = 2
-    """CPUs (and torch threads) of the sampler replica; the demo machine has 2."""
-    num_gpus: float = 0
     start_timeout_s: float = 600.0
     """How long a job waits for the Serve app it starts to answer (the replica placed and its
     model loaded) before it stops with an error saying what Serve reports."""
