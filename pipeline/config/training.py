@@ -193,12 +193,17 @@ class LDMConfig(WorkerGroup):
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     """The largest global gradient norm (larger ones are scaled down to it); 0 does not clip."""
+    zero_stage: int = 0
+    precision: str = "fp32"
+    """fp32, bf16 or fp16."""
     p_uncond: float = 0.1
     """Conditioning dropout probability for classifier-free guidance (Ho & Salimans use 0.1-0.2)."""
     ema_decay: float = 0.995
     checkpoint_every: int = 500
     """Steps between checkpoints (the last step is always checkpointed): what a failure loses."""
     keep_checkpoints: int = 2
+    storage_path: str = ""
+    """Ray Train storage for checkpoints (s3:// on a cluster). Empty: <workdir>/ray_results."""
     max_failures: int = 0
     """Worker failures Ray Train recovers from by restarting from the latest checkpoint (a lost
     node counts as one)."""
@@ -209,11 +214,6 @@ class LDMConfig(WorkerGroup):
     """Stream the latent dataset to the workers with Ray Data (latent sets larger than a worker's
     memory); its read tasks need CPUs the trainers do not hold. False: every worker reads the
     latents' files into memory, in one global order (exact resume, any node may be lost)."""
-    zero_stage: int = 0
-    precision: str = "fp32"
-    """fp32, bf16 or fp16."""
-    storage_path: str = ""
-    """Ray Train storage for checkpoints (s3:// on a cluster). Empty: <workdir>/ray_results."""
     log_every: int = 25
     """Print the progress line every this many steps (metrics go to MLflow every step)."""
     max_nonfinite_steps: int = 10
