@@ -85,6 +85,19 @@ def mean_step(ends: list[float], warmup: int) -> float:
     return (ends[-1] - ends[warmup]) / (len(ends) - 1 - warmup)
 
 
+def bench_args(prog: str, argv: list[str], steps: int, **more: int) -> argparse.Namespace:
+    """The ldm benchmarks' command line: `--steps`, `--warmup` (steps the steady figures leave out),
+    `--rows` of the latent dataset, config overrides, and each of `more` (an integer option: its default)."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=10)
+    for name, default in more.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (default: the demo's)")
+    return parser.parse_args(argv)
+
+
 def bench_config(root: Path, steps: int, checkpoint_every: int, overrides: list[str]):
     """The demo's config for a timed ldm stage: no sample grids, quiet progress, outputs under `root`."""
     from pipeline.config import load_config
@@ -92,6 +105,36 @@ def bench_config(root: Path, steps: int, checkpoint_every: int, overrides: list[
     return load_config(None, [f"workdir={root / 'work'}", f"ldm.max_steps={steps}",
                               f"ldm.checkpoint_every={checkpoint_every}", "ldm.sample_every=0", "ldm.log_every=1000",
                               *overrides])
+
+
+def latent_shape(cfg) -> tuple[int, int, int]:
+    """(channels, height, width) of the config's square latents."""
+    side = cfg.data.image_size // cfg.vq.downsample
+    return cfg.vq.latent_channels, side, side
+
+
+def bench_latents(cfg, root: Path, rows: int, context: int = 16) -> Path:
+    """`rows` random latents and conditions of the config's shapes in `root/latents` (the speed does
+    not depend on their values)."""
+    from pipeline.tiny_models import write_latent_dataset
+
+    return write_latent_dataset(root / "latents", rows, latent_shape(cfg), context=context, width=cfg.clip.width,
+                                image_size=cfg.data.image_size)
+
+
+def timed_ldm(cfg, latents_dir: Path, out: Path, name: str, run_name: str | None = None, evaluation=None) -> dict:
+    """The ldm stage (`run_ldm`) into a new MLflow run and `out`: its run id, result, start (epoch
+    seconds, as MLflow's timestamps are) and wall seconds."""
+    import mlflow
+
+    from pipeline.stages.ldm import run_ldm
+
+    with mlflow.start_run(run_name=run_name) as run:
+        run_id = run.info.run_id
+    out.mkdir()
+    started, start = time.time(), time.perf_counter()
+    result = run_ldm(cfg, latents_dir, out, run_id, name=name, prompts=[], evaluation=evaluation)
+    return {"run_id": run_id, "result": result, "started": started, "wall_s": time.perf_counter() - start}
 
 
 def loss_ends(tracking_uri: str, run_id: str) -> list[float]:
@@ -103,18 +146,10 @@ def loss_ends(tracking_uri: str, run_id: str) -> list[float]:
 
 
 def main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(prog="benchmark.py train")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--rows", type=int, default=512)
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (default: the demo's)")
-    args = parser.parse_args(argv)
+    args = bench_args("benchmark.py train", argv, steps=60)
 
-    import mlflow
     import ray
 
-    from pipeline.stages.ldm import run_ldm
-    from pipeline.tiny_models import write_latent_dataset
     from pipeline.tracking import setup_experiment
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,23 +157,17 @@ def main(argv: list[str]) -> dict:
         cfg = bench_config(root, args.steps, args.steps, args.overrides)
         if cfg.ldm.num_workers != 1 or cfg.ldm.grad_accum != 1:
             raise SystemExit("benchmark.py train compares one worker without gradient accumulation to a bare loop")
-        side = cfg.data.image_size // cfg.vq.downsample
         ray.init(num_cpus=max(2, int(cfg.ldm.cpus_per_worker)), include_dashboard=False, log_to_driver=False)
         try:
-            latents_dir = write_latent_dataset(root / "latents", args.rows, (cfg.vq.latent_channels, side, side),
-                                               context=16, width=cfg.clip.width, image_size=cfg.data.image_size)
+            latents_dir = bench_latents(cfg, root, args.rows)
             before = bare_loop(cfg, latents_dir, args.steps)
             setup_experiment(cfg.tracking_uri, "benchmark-train", root / "work")
-            with mlflow.start_run() as run:
-                run_id = run.info.run_id
-            out = root / "ldm"
-            out.mkdir()
-            fit_start = time.time()
-            result = run_ldm(cfg, latents_dir, out, run_id, name="bench", prompts=[])
+            run = timed_ldm(cfg, latents_dir, root / "ldm", "bench")
             after = bare_loop(cfg, latents_dir, args.steps)
         finally:
             ray.shutdown()
-        stage_ends = loss_ends(cfg.tracking_uri, run_id)
+        stage_ends = loss_ends(cfg.tracking_uri, run["run_id"])
+    result, fit_start = run["result"], run["started"]
     stage = steady_step(stage_ends, args.warmup)
     bare = statistics.median([steady_step(before["ends"], args.warmup), steady_step(after["ends"], args.warmup)])
     stage_mean = mean_step(stage_ends, args.warmup)
@@ -148,7 +177,7 @@ def main(argv: list[str]) -> dict:
     bare_first = statistics.median([r["ends"][0] - r["start"] - r["setup_s"] for r in (before, after)]) - bare
     return {
         "preset": cfg.ldm.preset, "batch": cfg.ldm.batch_size, "threads": int(cfg.ldm.cpus_per_worker),
-        "steps": args.steps, "latent_shape": [cfg.vq.latent_channels, side, side],
+        "steps": args.steps, "latent_shape": list(latent_shape(cfg)),
         "stage_step_s": round(stage, 4), "bare_step_s": round(bare, 4),
         "steady_ratio": round(bare / stage, 3),
         "stage_mean_step_s": round(stage_mean, 4), "bare_mean_step_s": round(bare_mean, 4),

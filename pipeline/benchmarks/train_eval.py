@@ -18,38 +18,28 @@ both; the figures are the means over the pairs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 
 def main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(prog="benchmark.py train_eval")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--checkpoints", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--rows", type=int, default=512)
-    parser.add_argument("--spare-cpus", type=int, default=0)
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (default: the demo's)")
-    args = parser.parse_args(argv)
+    from pipeline.benchmarks.train import (bench_args, bench_config, bench_latents, loss_ends, mean_step, steady_step,
+                                           timed_ldm)
 
-    import mlflow
+    args = bench_args("benchmark.py train_eval", argv, steps=300, checkpoints=3, repeats=2, spare_cpus=0)
+
     import numpy as np
     import ray
     import torch
     from mlflow import MlflowClient
     from safetensors.numpy import save_file
 
-    from pipeline.benchmarks.train import bench_config, loss_ends, mean_step, steady_step
     from pipeline.evaluation import EncoderSpec, Encoders
     from pipeline.models.text import TextEncoder
     from pipeline.stages.evaluate import metric_name, promotion_scale
-    from pipeline.stages.ldm import run_ldm
-    from pipeline.tiny_models import save_untrained_encoders, write_latent_dataset
+    from pipeline.tiny_models import save_untrained_encoders
     from pipeline.tracking import setup_experiment
     from pipeline.training.checkpoint_eval import CheckpointEvalPlan
 
@@ -57,14 +47,11 @@ def main(argv: list[str]) -> dict:
         root = Path(tmp)
         cfg = bench_config(root, args.steps, max(1, args.steps // args.checkpoints),
                            ["clip.context_length=16", *args.overrides])
-        side = cfg.data.image_size // cfg.vq.downsample
         trainer_cpus = int(cfg.ldm.cpus_per_worker) * cfg.ldm.num_workers
         ray.init(num_cpus=trainer_cpus + args.spare_cpus, include_dashboard=False, log_to_driver=False)
         try:
             vq_dir, clip_dir = save_untrained_encoders(cfg, root / "encoders")
-            context = TextEncoder.load(clip_dir).context_length
-            latents = write_latent_dataset(root / "latents", args.rows, (cfg.vq.latent_channels, side, side),
-                                           context=context, width=cfg.clip.width, image_size=cfg.data.image_size)
+            latents = bench_latents(cfg, root, args.rows, context=TextEncoder.load(clip_dir).context_length)
             meta = json.loads((latents / "metadata.json").read_text())
             (latents / "metadata.json").write_text(json.dumps({**meta, "vq_dir": str(vq_dir), "clip_dir": str(clip_dir)}))
             spec = EncoderSpec.parse("", clip_dir)
@@ -85,17 +72,11 @@ def main(argv: list[str]) -> dict:
             for repeat in range(args.repeats):
                 order = (("off", None), ("on", plan)) if repeat % 2 == 0 else (("on", plan), ("off", None))
                 for name, evaluation in order:
-                    with mlflow.start_run(run_name=f"{name}-{repeat}") as run:
-                        run_id = run.info.run_id
-                    out = root / f"{name}-{repeat}"
-                    out.mkdir()
-                    start = time.perf_counter()
-                    result = run_ldm(cfg, latents, out, run_id, name=f"bench-{name}-{repeat}", prompts=[],
-                                     evaluation=evaluation)
-                    runs[name].append({"wall_s": time.perf_counter() - start, "result": result,
-                                       "ends": loss_ends(cfg.tracking_uri, run_id),
+                    run = timed_ldm(cfg, latents, root / f"{name}-{repeat}", f"bench-{name}-{repeat}",
+                                    run_name=f"{name}-{repeat}", evaluation=evaluation)
+                    runs[name].append({**run, "ends": loss_ends(cfg.tracking_uri, run["run_id"]),
                                        "eval_s": [m.value for m in MlflowClient(cfg.tracking_uri).get_metric_history(
-                                           run_id, "eval_seconds")]})
+                                           run["run_id"], "eval_seconds")]})
         finally:
             ray.shutdown()
     def mean(name: str, figure) -> float:
