@@ -138,6 +138,26 @@ def _timestep_batch(t: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
 
 
+Update = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float, float], torch.Tensor]
+"""update(x, eps, x0, t, alpha_bar_t, alpha_bar_prev) -> the next x: one sampler's step from timestep
+t to the next (whose abar is alpha_bar_prev; 1 after the last), given the model's predictions for x."""
+
+
+def _run_chain(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int], update: Update,
+               callback: Callback | None) -> torch.Tensor:
+    """The loop every sampler shares: at each of `timesteps` the model's eps and x0 predictions for
+    the current x, the sampler's `update` from them to the next x, then the callback."""
+    alpha_bar = schedule.alphas_cumprod.tolist()
+    for i, t in enumerate(timesteps):
+        t_batch = _timestep_batch(t, x)
+        eps, x0 = schedule.eps_and_x0(model_fn(x, t_batch), x, t_batch)
+        alpha_bar_prev = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
+        x = update(x, eps, x0, t, alpha_bar[t], alpha_bar_prev)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
 @torch.no_grad()
 def sample_ddpm(
     model_fn: ModelFn,
@@ -161,20 +181,17 @@ def sample_ddpm(
         raise ValueError(f"variance must be 'beta_tilde' or 'beta', got {variance!r}")
     if num_steps is None:
         num_steps = schedule.num_train_timesteps
-    timesteps = leading_timesteps(schedule.num_train_timesteps, num_steps)
-    alpha_bar = schedule.alphas_cumprod.tolist()
-    for i, t in enumerate(timesteps):
-        t_batch = _timestep_batch(t, x)
-        _, x0 = schedule.eps_and_x0(model_fn(x, t_batch), x, t_batch)
-        alpha_bar_prev = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
-        coef_x0, coef_zt, beta_tilde = posterior_coefficients(alpha_bar[t], alpha_bar_prev)
+
+    def update(x, eps, x0, t, alpha_bar_t, alpha_bar_prev):  # an `Update`
+        coef_x0, coef_zt, beta_tilde = posterior_coefficients(alpha_bar_t, alpha_bar_prev)
         x = coef_x0 * x0 + coef_zt * x
         if t > 0:
-            var = beta_tilde if variance == "beta_tilde" else 1 - alpha_bar[t] / alpha_bar_prev
+            var = beta_tilde if variance == "beta_tilde" else 1 - alpha_bar_t / alpha_bar_prev
             x = x + var**0.5 * randn_per_sample(x.shape, generator, x.device, x.dtype)
-        if callback is not None:
-            callback(i, t, x, x0)
-    return x
+        return x
+
+    return _run_chain(model_fn, x, schedule, leading_timesteps(schedule.num_train_timesteps, num_steps), update,
+                      callback)
 
 
 @torch.no_grad()
@@ -194,13 +211,8 @@ def sample_ddim(
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta!r}")
-    timesteps = leading_timesteps(schedule.num_train_timesteps, num_steps)
-    alpha_bar = schedule.alphas_cumprod.tolist()
-    for i, t in enumerate(timesteps):
-        t_batch = _timestep_batch(t, x)
-        eps, x0 = schedule.eps_and_x0(model_fn(x, t_batch), x, t_batch)
-        alpha_bar_t = alpha_bar[t]
-        alpha_bar_prev = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
+
+    def update(x, eps, x0, t, alpha_bar_t, alpha_bar_prev):  # an `Update`
         variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
         std = eta * variance**0.5
         x = alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev - std**2) ** 0.5 * eps
@@ -208,9 +220,10 @@ def sample_ddim(
             # Drawn at every step, the last included (where std is 0), so that a seed's noise
             # stream lines up with diffusers' DDIMScheduler.
             x = x + std * randn_per_sample(x.shape, generator, x.device, x.dtype)
-        if callback is not None:
-            callback(i, t, x, x0)
-    return x
+        return x
+
+    return _run_chain(model_fn, x, schedule, leading_timesteps(schedule.num_train_timesteps, num_steps), update,
+                      callback)
 
 
 @torch.no_grad()
@@ -231,14 +244,11 @@ def sample_dpmpp_2m(
     signature and unused.
     """
     del generator  # deterministic
-    timesteps = linspace_timesteps(schedule.num_train_timesteps, num_steps)
-    alpha_bar = schedule.alphas_cumprod.tolist()
-    sigmas = [((1 - alpha_bar[t]) / alpha_bar[t]) ** 0.5 for t in timesteps] + [0.0]
     prev_x0, prev_lambda = None, None
-    for i, t in enumerate(timesteps):
-        t_batch = _timestep_batch(t, x)
-        _, x0 = schedule.eps_and_x0(model_fn(x, t_batch), x, t_batch)
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+
+    def update(x, eps, x0, t, alpha_bar_t, alpha_bar_prev):  # an `Update`
+        nonlocal prev_x0, prev_lambda
+        sigma, sigma_next = ((1 - alpha_bar_t) / alpha_bar_t) ** 0.5, ((1 - alpha_bar_prev) / alpha_bar_prev) ** 0.5
         lambda_cur = -math.log(sigma)
         if sigma_next == 0.0:
             x = x0  # the first-order update with sigma_next = 0 is exactly x0
@@ -255,9 +265,10 @@ def sample_dpmpp_2m(
             noise_ratio = (sigma_next * alpha_next) / (sigma / (1 + sigma**2) ** 0.5)
             x = noise_ratio * x - alpha_next * math.expm1(-h) * denoised
         prev_x0, prev_lambda = x0, lambda_cur
-        if callback is not None:
-            callback(i, t, x, x0)
-    return x
+        return x
+
+    return _run_chain(model_fn, x, schedule, linspace_timesteps(schedule.num_train_timesteps, num_steps), update,
+                      callback)
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
