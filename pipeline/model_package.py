@@ -19,6 +19,7 @@ import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -254,6 +255,17 @@ class PipelineModel:
             for i, image in zip(rows, self._generate([requests[i] for i in rows], size, steps, sampler)):
                 images[i] = image
         return images
+
+    def generate_in_chunks(self, captions: list[str], seed: int, scale: float, steps: int = 0, sampler: str = "",
+                           batch_size: int = 64) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+        """One image per caption, the i-th with seed `seed + i`, at one guidance scale (steps 0 /
+        sampler '': the model's defaults), `batch_size` captions a `generate` call (what bounds the
+        memory of an evaluation): yields each chunk's captions and images, in order."""
+        steps, sampler = steps or int(self.defaults["steps"]), sampler or self.defaults["sampler"]
+        for i in range(0, len(captions), batch_size):
+            chunk = captions[i:i + batch_size]
+            yield chunk, self.generate([GenerationRequest(c, seed + i + j, scale) for j, c in enumerate(chunk)],
+                                       steps, sampler)
 
     def _generate(self, requests: list[GenerationRequest], size: Size, steps: int, sampler: str) -> list[np.ndarray]:
         cond = self.encode_prompts([r.prompt for r in requests])

@@ -36,14 +36,9 @@ SCALES = (1.0, 3.0)
 
 
 def generate(model, captions: list[str], scale: float, seed: int = 0, batch_size: int = 64):
-    from pipeline.model_package import GenerationRequest
-
-    steps, sampler = int(model.defaults["steps"]), model.defaults["sampler"]
-    out = []
-    for i in range(0, len(captions), batch_size):
-        chunk = captions[i:i + batch_size]
-        out += model.generate([GenerationRequest(c, seed + i + j, scale) for j, c in enumerate(chunk)], steps, sampler)
-    return np.stack(out)
+    """One image per caption (seed + i) at the model's default steps and sampler, stacked (uint8)."""
+    return np.stack([image for _, images in model.generate_in_chunks(captions, seed, scale, batch_size=batch_size)
+                     for image in images])
 
 
 def round_trip(vq, images):

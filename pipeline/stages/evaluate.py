@@ -83,16 +83,12 @@ def score_generated(model, spec: EncoderSpec, captions: list[str], seed: int, sc
     from pipeline.data.demo_eval import judge
     from pipeline.data.images import images_to_tensor
     from pipeline.evaluation import Encoders
-    from pipeline.model_package import GenerationRequest
 
     encoders = Encoders(spec, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     steps, sampler = steps or int(model.defaults["steps"]), sampler or model.defaults["sampler"]
     features, scores, grid, verdicts = [], [], [], []
     start = time.perf_counter()
-    for i in range(0, len(captions), batch_size):
-        chunk = captions[i:i + batch_size]
-        images = model.generate([GenerationRequest(c, seed + i + j, scale) for j, c in enumerate(chunk)],
-                                steps, sampler)
+    for chunk, images in model.generate_in_chunks(captions, seed, scale, steps, sampler, batch_size):
         x = images_to_tensor(np.stack(images))
         features.append(encoders.fd_features(x))
         scores.append(encoders.clip_scores(x, chunk))
