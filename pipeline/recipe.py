@@ -81,13 +81,20 @@ def steps_per_epoch(ldm, latents_dir: Path) -> int:
     import json
 
     from pipeline.data.buckets import latent_buckets, trained_sizes
-    from pipeline.training.first_stage import fit_batch_size
 
     buckets = latent_buckets(json.loads((Path(latents_dir) / "metadata.json").read_text()))
-    largest = max(bucket["samples"] for bucket in buckets.values())
-    micro = fit_batch_size(largest // ldm.grad_accum, ldm.batch_size, ldm.num_workers, "ldm")
+    micro = micro_batch(ldm, buckets)
     batches = trained_sizes(buckets, micro * ldm.num_workers * ldm.grad_accum)["bucket_batches_per_epoch"]
     return sum(batches.values())
+
+
+def micro_batch(ldm, buckets: dict) -> int:
+    """The micro batch per worker the ldm stage trains with: `ldm.batch_size`, shrunk (and said so)
+    to what the largest bucket gives each worker, since a global batch comes from one bucket."""
+    from pipeline.training.first_stage import fit_batch_size
+
+    largest = max(bucket["samples"] for bucket in buckets.values())
+    return fit_batch_size(largest // ldm.grad_accum, ldm.batch_size, ldm.num_workers, "ldm")
 
 
 def global_batch(ldm) -> int:

@@ -23,12 +23,11 @@ from pipeline.config import PipelineConfig
 from pipeline.data.buckets import latent_buckets, main_bucket, trained_sizes
 from pipeline.models.unet import unet_config
 from pipeline.ray_runtime import check_cpus_left_for_streaming, fit
-from pipeline.recipe import with_ldm_budget
+from pipeline.recipe import micro_batch, with_ldm_budget
 from pipeline.tracking import replay_when_back
 from pipeline.training.checkpoint import count_parameters, read_progress
 from pipeline.training.checkpoint_eval import CheckpointEvalPlan, CheckpointEvaluator, summarize
 from pipeline.training.faults import FaultInjection
-from pipeline.training.first_stage import fit_batch_size
 from pipeline.training.grids import GridConfig, model_parts
 from pipeline.training.latents import LATENT_COLUMNS
 from pipeline.training.ldm_loop import LDMLoopConfig, ldm_train_loop
@@ -53,12 +52,11 @@ def build_loop_config(cfg: PipelineConfig, latents_dir: Path, run_id: str | None
     if run_id and prompts and meta.get("clip_dir") and meta.get("vq_dir"):  # at the size with the most samples
         grid = GridConfig(prompts, meta["clip_dir"], meta["vq_dir"], buckets[main_bucket(buckets)]["latent_shape"],
                           cfg.samples.seed, cfg.samples.guidance_scale, ldm.sample_grid_steps)
-    largest = max(bucket["samples"] for bucket in buckets.values())  # a global batch comes from one bucket
     return LDMLoopConfig(
         unet=asdict(unet), schedule=asdict(ldm.schedule), latents_dir=str(latents_dir),
         latent_scale=meta["latent_scale"], rows=rows, seed=cfg.seed, lr=ldm.lr, weight_decay=ldm.weight_decay,
         warmup_steps=ldm.warmup_steps, lr_schedule=ldm.lr_schedule,
-        batch_size=fit_batch_size(largest // ldm.grad_accum, ldm.batch_size, ldm.num_workers, "ldm"),
+        batch_size=micro_batch(ldm, buckets),
         grad_accum=ldm.grad_accum, grad_clip=ldm.grad_clip, zero_stage=ldm.zero_stage, precision=ldm.precision,
         p_uncond=ldm.p_uncond, ema_decay=ldm.ema_decay, max_steps=ldm.max_steps,
         checkpoint_every=ldm.checkpoint_every, log_every=ldm.log_every, max_nonfinite_steps=ldm.max_nonfinite_steps,
