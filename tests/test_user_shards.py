@@ -18,29 +18,39 @@ import pytest
 from PIL import Image
 
 from pipeline.config import load_config
+from pipeline.data.reader import is_heldout
 from pipeline.workflow import run_workflow
 
 pytestmark = pytest.mark.slow  # the whole workflow: `make test-fast` leaves it out
 
 ROOT = Path(__file__).resolve().parent.parent
+HELDOUT_FRACTION = load_config(None, []).data.heldout_fraction
 PLACES = ["sunset", "forest", "harbour", "mountain", "city street", "meadow", "snowfield", "desert"]
 
 
-def write_folder(directory: Path, count: int) -> None:
+def write_folder(directory: Path, train_count: int) -> None:
+    """`train_count` images in the training split, half 100 x 50 landscapes, half 50 x 100 portraits,
+    one caption in ten alt-text-long; plus the held-out ones (`data.heldout_fraction`, by key: the
+    folder's row index) between them, which the encode stage leaves out."""
     rng = np.random.default_rng(0)
     (directory / "photos").mkdir(parents=True)
     with open(directory / "captions.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "caption"])
-        for i in range(count):
-            # Even: 100 x 50 landscapes, odd: 50 x 100 portraits, each in its own bucket, uncropped.
-            pixels = (rng.random((50, 100, 3) if i % 2 == 0 else (100, 50, 3)) * 255).astype("uint8")
+        i, trained = 0, 0
+        while trained < train_count:
+            heldout = is_heldout(f"{i:09d}", HELDOUT_FRACTION)  # make_shards' key: the zero-padded row
+            n = i if heldout else trained
+            # Each orientation in a bucket of its own, uncropped.
+            pixels = (rng.random((50, 100, 3) if n % 2 == 0 else (100, 50, 3)) * 255).astype("uint8")
             pixels[:25, :25] = rng.integers(0, 255, 3)
             Image.fromarray(pixels).save(directory / "photos" / f"img{i:03d}.jpg")
-            caption = f"a photo of a {PLACES[i % len(PLACES)]}, number {i}"
-            if i % 10 == 0:  # one in ten is alt-text-long: more tokens than CLIP's context of 77
+            caption = f"a photo of a {PLACES[n % len(PLACES)]}, number {i}"
+            if n % 10 == 0:  # one in ten is alt-text-long: more tokens than CLIP's context of 77
                 caption += ", seen from the road" + " with hills and trees" * 20
             writer.writerow([f"img{i:03d}.jpg", caption])
+            trained += not heldout
+            i += 1
 
 
 def test_own_folder_of_captioned_jpegs_at_another_size_in_buckets(ray_session, tmp_path, free_port, capsys):
@@ -58,7 +68,7 @@ def test_own_folder_of_captioned_jpegs_at_another_size_in_buckets(ray_session, t
     assert list(stages) == ["vq", "clip", "encode", "ldm", "samples", "evaluate", "promote"]  # no demo shards stage
     assert all(stage["status"] == "ran" for stage in stages.values())
     encode = stages["encode"]["metrics"]
-    assert encode["samples"] == 60 and sum(encode["skipped"].values()) == 0
+    assert encode["samples"] == 60 and encode["heldout_samples"] > 0 and sum(encode["skipped"].values()) == 0
     # Buckets around 48² pixels: each image in the one of its aspect, none cropped (a square crop would cut half).
     assert encode["buckets"] == {"32x64": 30, "64x32": 30} and encode["crop_max"] == 0.0
     assert 0.0 <= stages["vq"]["metrics"]["codebook_usage"] <= 1.0 and np.isfinite(stages["vq"]["metrics"]["psnr"])

@@ -15,6 +15,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.config import load_config
+from pipeline.data.reader import is_heldout
+from pipeline.data.shards import demo_key
 from pipeline.workflow import run_workflow
 
 pytestmark = pytest.mark.slow  # whole stages, servers or clusters: `make test-fast` leaves them out
@@ -56,7 +58,9 @@ def test_summary_names_every_stage_with_status_time_and_metrics(demo_run):
         assert stage["status"] == "ran", name
         assert stage["seconds"] > 0
         assert isinstance(stage["metrics"], dict)
-    assert summary["stages"]["encode"]["metrics"]["samples"] == 192
+    encode = summary["stages"]["encode"]["metrics"]  # the training split; the held-out one is the evaluate stage's
+    train = sum(not is_heldout(demo_key(i), cfg.data.heldout_fraction) for i in range(192))
+    assert (encode["samples"], encode["heldout_samples"]) == (train, 192 - train) and 0 < train < 192
     assert {"psnr", "codebook_usage", "latent_scale"} <= set(summary["stages"]["vq"]["metrics"])
     clip = summary["stages"]["clip"]["metrics"]  # demo captions: an exact and a same-content figure
     assert 0.0 <= clip["retrieval_top1"] <= clip["retrieval_top1_content"] <= 1.0
@@ -227,7 +231,7 @@ def test_a_diffusers_autoencoder_directory_is_the_first_stage_of_the_vq_and_enco
     first_stage, meta = VQModel.load(tmp_path / "vq")
     assert meta["latent_scale"] == metrics["latent_scale"]
     encoded = run_encode(pretrained, shards, tmp_path / "vq", summary["stages"]["clip"]["output"], tmp_path / "enc")
-    assert encoded["samples"] == 192
+    assert encoded["samples"] + encoded["heldout_samples"] == 192 and encoded["heldout_samples"] > 0
     stored = json.loads((tmp_path / "enc" / "metadata.json").read_text())
     assert stored["latent_shape"] == [4, 8, 8] and stored["latent_scale"] == metrics["latent_scale"]
     latents = pq.read_table(str(tmp_path / "enc" / "data"), columns=["latent"]).column("latent")

@@ -35,7 +35,7 @@ import hashlib
 import tarfile
 import zlib
 from collections import Counter
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import ray
@@ -142,19 +142,35 @@ def decode_sample(members: dict[str, bytes], image_size: int | list[Size],
 
 
 def new_counts() -> Counter:
-    """Counts of one or more shards: `samples`, `unconditional` and every reason, all at 0."""
-    return Counter({"samples": 0, "unconditional": 0, **{reason: 0 for reason in SKIP_REASONS}})
+    """Counts of one or more shards: `samples`, `unconditional`, `other_split` and every reason, all at 0."""
+    return Counter({"samples": 0, "unconditional": 0, "other_split": 0, **{reason: 0 for reason in SKIP_REASONS}})
 
 
-def parse_shard(fileobj, image_size: int | list[Size], counts: Counter,
-                max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[tuple[str, str, np.ndarray, float]]:
+class InSplit:
+    """Whether a sample key is in `split` ("train" or "heldout") at `fraction` held out (`is_heldout`);
+    a class, not a closure, so that Ray can ship it to the read tasks."""
+
+    def __init__(self, split: str, fraction: float):
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be None, 'train' or 'heldout', got {split!r}")
+        self.heldout, self.fraction = split == "heldout", fraction
+
+    def __call__(self, key: str) -> bool:
+        return is_heldout(key, self.fraction) == self.heldout
+
+
+def parse_shard(fileobj, image_size: int | list[Size], counts: Counter, max_pixels: int = MAX_IMAGE_PIXELS,
+                keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, str, np.ndarray, float]]:
     """Yield (key, caption, image, crop fraction) for every good sample of a tar stream, each key once.
     `image_size`: a square side, or the (width, height) buckets each image goes to the nearest of.
+    `keep`: which keys to yield (a split, `InSplit`); the others are decoded all the same, so a bad
+    sample is counted under its reason whichever split it is in.
 
-    Adds to `counts`: `samples` (yielded), `unconditional` (yielded with an empty caption) and one
-    count per skipped sample under its reason (SKIP_REASONS), plus `truncated_tar` once if the
-    stream ends early. A sample that is incomplete where its members end (no caption, no image) is
-    only counted when the shard ends: if a later fragment of its key turns up it is `out_of_order`.
+    Adds to `counts`: `samples` (yielded), `unconditional` (yielded with an empty caption),
+    `other_split` (good, but not kept) and one count per skipped sample under its reason
+    (SKIP_REASONS), plus `truncated_tar` once if the stream ends early. A sample that is incomplete
+    where its members end (no caption, no image) is only counted when the shard ends: if a later
+    fragment of its key turns up it is `out_of_order`.
     """
     seen: dict[str, set[str]] = {}  # key -> extensions seen so far in this shard
     pending: dict[str, str] = {}  # incomplete samples: key -> reason, unless a fragment turns up
@@ -189,6 +205,9 @@ def parse_shard(fileobj, image_size: int | list[Size], counts: Counter,
             caption, image, crop = decode_sample(members, image_size, max_pixels)
         except SampleError as err:
             counts[err.reason] += 1
+            continue
+        if keep is not None and not keep(key):
+            counts["other_split"] += 1
             continue
         counts["samples"] += 1
         if not caption:
@@ -235,10 +254,11 @@ def sum_counts(per_shard) -> Counter:
 
 
 def counts_summary(counts: Counter | dict) -> dict:
-    """{"samples", "unconditional", "skipped": {reason: count for every reason}} from counts."""
+    """{"samples", "unconditional", "other_split", "skipped": {reason: count for every reason}} from counts."""
     return {
         "samples": int(counts.get("samples", 0)),
         "unconditional": int(counts.get("unconditional", 0)),
+        "other_split": int(counts.get("other_split", 0)),
         "skipped": {reason: int(counts.get(reason, 0)) for reason in SKIP_REASONS},
     }
 
@@ -249,14 +269,15 @@ class ShardDatasource(FileBasedDatasource):
     differ in size: Ray stores them as a variable-shaped tensor column).
 
     With `counts_dir`, each shard's counts (parse_shard) are written there when the shard has been
-    read to its end (write_shard_counts).
+    read to its end (write_shard_counts). With `keep` (`InSplit`), only the samples of one split.
     """
 
     _FILE_EXTENSIONS = ["tar"]
 
     def __init__(self, paths: list[str], image_size: int | list[Size], max_image_pixels: int = MAX_IMAGE_PIXELS,
-                 counts_dir: str | None = None, **kwargs):
+                 counts_dir: str | None = None, keep: Callable[[str], bool] | None = None, **kwargs):
         super().__init__(paths, **kwargs)
+        self.keep = keep
         self.image_size = image_size
         self.max_image_pixels = max_image_pixels
         self.counts_dir = counts_dir
@@ -265,7 +286,7 @@ class ShardDatasource(FileBasedDatasource):
         columns = ("key", "caption", "image", "crop")
         rows: dict[str, list] = {name: [] for name in columns}
         counts = new_counts()
-        for sample in parse_shard(stream, self.image_size, counts, self.max_image_pixels):
+        for sample in parse_shard(stream, self.image_size, counts, self.max_image_pixels, self.keep):
             for name, value in zip(columns, sample):
                 rows[name].append(value)
             if len(rows["key"]) >= ROWS_PER_BLOCK:
@@ -289,22 +310,12 @@ def _to_block(rows: dict[str, list]):
 def read_captioned_images(shards: list[str], image_size: int | list[Size], split: str | None = None,
                           heldout_fraction: float = 0.0, max_image_pixels: int = MAX_IMAGE_PIXELS,
                           counts_dir: str | None = None) -> ray.data.Dataset:
-    """Shards -> Ray Dataset of {key, caption, image, crop}; `split` is None, "train" or "heldout".
-    `image_size`: a square side (resize the shorter side, centre-crop), or (width, height) buckets.
+    """Shards -> Ray Dataset of {key, caption, image, crop}; `split` is None (every sample), "train"
+    or "heldout" (`heldout_fraction` of the keys, by hash: `is_heldout`). `image_size`: a square side (resize the shorter side, centre-crop), or (width, height) buckets.
 
     A shard listed twice is read once. `counts_dir`: where each shard's counts (parse_shard) are
     written once it has been read (write_shard_counts / read_shard_counts).
     """
     shards = list(dict.fromkeys(shards))
-    ds = ray.data.read_datasource(ShardDatasource(shards, image_size, max_image_pixels, counts_dir))
-    if split is None:
-        return ds
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be None, 'train' or 'heldout', got {split!r}")
-    return ds.map_batches(_select_split, batch_format="numpy",
-                          fn_kwargs={"fraction": heldout_fraction, "heldout": split == "heldout"})
-
-
-def _select_split(batch: dict, fraction: float, heldout: bool) -> dict:
-    keep = np.array([is_heldout(str(k), fraction) == heldout for k in batch["key"]], dtype=bool)
-    return {name: column[keep] for name, column in batch.items()}
+    keep = InSplit(split, heldout_fraction) if split is not None else None
+    return ray.data.read_datasource(ShardDatasource(shards, image_size, max_image_pixels, counts_dir, keep))

@@ -157,6 +157,11 @@ def write_shards(
     return writer.written
 
 
+def demo_key(index: int) -> str:
+    """The key of demo sample `index`: its zero-padded index."""
+    return f"{index:09d}"
+
+
 def write_demo_shards(
     out_dir: str | os.PathLike,
     num_samples: int,
@@ -173,7 +178,7 @@ def write_demo_shards(
     def demo_samples() -> Iterator[ShardSample]:
         for index in range(num_samples):
             image, caption, spec = demo_sample(index, seed, image_size)
-            yield f"{index:09d}", image, "png", caption, {**spec.to_dict(), "index": index}
+            yield demo_key(index), image, "png", caption, {**spec.to_dict(), "index": index}
 
     return write_shards(demo_samples(), out_dir, shard_size=shard_size)
 

@@ -15,10 +15,12 @@ column when a file has more than one); the encoders run once per shape in each b
 
 Bad samples are skipped and counted by reason (pipeline/data/reader.py, SKIP_REASONS): each read
 task writes its shard's counts to `counts/<shard hash>.json` once the shard is read, so a retried
-read rewrites its file instead of counting twice. The stage reports `samples` (rows written),
-`unconditional` (rows with an empty caption), `skipped` ({reason: count}, every reason
-present) and `captions_truncated` (the fraction of captions longer than the text context, kept with
-their tails cut), and checks that the rows written match the rows the readers counted.
+read rewrites its file instead of counting twice. The stage reports `samples` (rows written: the
+training split; the held-out split, `data.heldout_fraction`, is left for the evaluate stage and
+counted as `heldout_samples`), `unconditional` (rows with an empty caption), `skipped` ({reason:
+count}, every reason present) and `captions_truncated` (the fraction of captions longer than the
+text context, kept with their tails cut), and checks that the rows written match the rows the
+readers counted.
 """
 
 from __future__ import annotations
@@ -82,14 +84,15 @@ class FrozenEncoders:
 
 
 def run_encode(cfg: PipelineConfig, shards: list[str], vq_dir: Path, clip_dir: Path, out_dir: Path) -> dict:
-    """Encode every good sample of the shards into `out_dir`; returns counts."""
+    """Encode every good sample of the shards' training split into `out_dir`; returns counts."""
     vq_meta = json.loads((vq_dir / "model.json").read_text())
     downsample = downsample_of(vq_meta)
     sizes = training_buckets(cfg.data, downsample * UNET_PRESETS[cfg.ldm.preset].downsample_factor)
     shards = list(dict.fromkeys(shards))  # a shard listed twice is read (and counted) once
     counts_dir = out_dir / "counts"  # one JSON per shard, written by its read task
-    ds = read_captioned_images(shards, sizes, max_image_pixels=cfg.data.max_image_pixels,
-                               counts_dir=str(counts_dir))
+    # The training split only: the held-out images are what the evaluate stage compares samples with.
+    ds = read_captioned_images(shards, sizes, "train", cfg.data.heldout_fraction,
+                               max_image_pixels=cfg.data.max_image_pixels, counts_dir=str(counts_dir))
     encoded = ds.map_batches(
         FrozenEncoders,
         fn_constructor_kwargs={"vq_dir": str(vq_dir), "clip_dir": str(clip_dir),
@@ -139,6 +142,7 @@ def run_encode(cfg: PipelineConfig, shards: list[str], vq_dir: Path, clip_dir: P
         "pooled_dim": int(schema.field("pooled").type.shape[0]),
         "latent_scale": vq_meta["latent_scale"],
         "samples": samples,
+        "heldout_samples": counts["other_split"],
         "unconditional": counts["unconditional"],
         "skipped": counts["skipped"],
         "shards": len(shards),
@@ -146,7 +150,8 @@ def run_encode(cfg: PipelineConfig, shards: list[str], vq_dir: Path, clip_dir: P
         **truncated,
     }
     (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=2))
-    return {"samples": samples, "unconditional": counts["unconditional"], "skipped": counts["skipped"],
+    return {"samples": samples, "heldout_samples": counts["other_split"], "unconditional": counts["unconditional"],
+            "skipped": counts["skipped"],
             "bytes_per_sample": round(data_bytes / samples, 1), **truncated,
             "buckets": {name: bucket["samples"] for name, bucket in buckets.items()},
             "crop_mean": round(float(crops.mean()), 4), "crop_max": round(float(crops.max()), 4)}

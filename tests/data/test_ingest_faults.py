@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.decode import SKIP_REASONS, SampleError, load_image
-from pipeline.data.reader import counts_summary, new_counts, parse_shard
+from pipeline.data.reader import InSplit, counts_summary, is_heldout, new_counts, parse_shard
 
 IMAGE_SIZE = 16
 
@@ -144,7 +144,8 @@ def test_a_clean_shard_gives_every_sample_decoded_cropped_and_captioned():
     data, good = build_shard([])
     rows, counts = parse(data)
     assert [key for key, _, _, _ in rows] == list(GOOD) + list(UNCONDITIONAL)
-    assert counts_summary(counts) == {"samples": 8, "unconditional": 2, "skipped": _expected_skipped([])}
+    assert counts_summary(counts) == {"samples": 8, "unconditional": 2, "other_split": 0,
+                                      "skipped": _expected_skipped([])}
     captions = {key: caption for key, caption, _, _ in rows}
     assert {key: captions[key] for key in CLEAN_CAPTIONS} == CLEAN_CAPTIONS
     assert captions["u-blank"] == captions["u-empty"] == ""
@@ -159,7 +160,7 @@ def test_each_fault_alone_costs_exactly_its_sample(reason):
     keys = [key for key, _, _, _ in rows]
     assert sorted(keys) == sorted(good)  # every good sample exactly once
     assert counts_summary(counts) == {
-        "samples": len(good), "unconditional": 2, "skipped": _expected_skipped([reason]),
+        "samples": len(good), "unconditional": 2, "other_split": 0, "skipped": _expected_skipped([reason]),
     }
 
 
@@ -168,7 +169,25 @@ def test_every_fault_in_one_shard_is_counted_once():
     rows, counts = parse(data)
     assert len(good) == 9
     assert sorted(key for key, _, _, _ in rows) == sorted(good)
-    assert counts_summary(counts) == {"samples": 9, "unconditional": 2, "skipped": {r: 1 for r in SKIP_REASONS}}
+    assert counts_summary(counts) == {"samples": 9, "unconditional": 2, "other_split": 0,
+                                      "skipped": {r: 1 for r in SKIP_REASONS}}
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_a_split_keeps_its_keys_and_counts_the_others_and_every_fault(split):
+    """The train and held-out reads of one shard part its good samples by key, each exactly once;
+    a bad sample is counted under its reason in both (it is decoded before the split is asked)."""
+    data, good = build_shard(list(FAULTS))
+    fraction = 0.5  # both splits non-empty on these few keys
+    counts = new_counts()
+    rows = list(parse_shard(io.BytesIO(data), IMAGE_SIZE, counts, keep=InSplit(split, fraction)))
+    mine = {key for key in good if is_heldout(key, fraction) == (split == "heldout")}
+    assert 0 < len(mine) < len(good)
+    assert sorted(key for key, _, _, _ in rows) == sorted(mine)
+    summary = counts_summary(counts)
+    assert (summary["samples"], summary["other_split"]) == (len(mine), len(good) - len(mine))
+    assert summary["unconditional"] == len({"u-blank", "u-empty"} & mine)
+    assert summary["skipped"] == {r: 1 for r in SKIP_REASONS}
 
 
 def test_a_split_sample_is_out_of_order_once_and_a_stray_member_after_a_complete_one_too():
@@ -316,16 +335,21 @@ def test_encode_stage_counts_every_fault_exactly(ray_session, tmp_path):
     skipped = {reason: 1 for reason in SKIP_REASONS}
     skipped["out_of_order"] = 2
     skipped["truncated_tar"] = 2  # the cut shard and the empty file
-    assert metrics["samples"] == 9 + 8 + 9 == len(good)
-    assert metrics["unconditional"] == 6
+    assert 9 + 8 + 9 == len(good)
+    # The training split is encoded; the held-out one is counted, left for the evaluate stage.
+    train = {key for key in good if not is_heldout(key, cfg.data.heldout_fraction)}
+    assert 0 < len(train) < len(good)
+    assert metrics["samples"] == len(train) and metrics["heldout_samples"] == len(good) - len(train)
+    assert metrics["unconditional"] == sum(key[2:] in UNCONDITIONAL for key in train)
     assert metrics["skipped"] == skipped
     table = pq.read_table(out / "data")
     keys = table.column("key").to_pylist()
-    assert sorted(keys) == sorted(good)  # every good sample encoded exactly once
+    assert sorted(keys) == sorted(train)  # every good training sample encoded exactly once
     captions = dict(zip(keys, table.column("caption").to_pylist()))
-    assert captions["s0u-blank"] == "" and captions["s1g-jpg"] == "a blue square"
+    assert all(captions[key] == "" for key in captions if key[2:] in UNCONDITIONAL)
+    assert all(captions[key] == CLEAN_CAPTIONS[key[2:]] for key in captions if key[2:] in CLEAN_CAPTIONS)
     metadata = json.loads((out / "metadata.json").read_text())
-    assert metadata["skipped"] == skipped and metadata["samples"] == len(good)
+    assert metadata["skipped"] == skipped and metadata["samples"] == len(train)
     assert metadata["latent_shape"] == [4, IMAGE_SIZE // 4, IMAGE_SIZE // 4]
     assert len(list((out / "counts").glob("*.json"))) == 4  # one record per shard
 
