@@ -29,7 +29,8 @@ def changed(value):
     if isinstance(value, str):
         return value + "-other"
     if isinstance(value, list):
-        return [*value, 7.0 if value and isinstance(value[0], (int, float)) else "another prompt"]
+        # 7 is a valid element of an empty list of either kind (ints, or strings: "7").
+        return [*value, 7 if not value or isinstance(value[0], (int, float)) else "another prompt"]
     if isinstance(value, dict):
         return {**value, "another": [1, 2]}
     raise TypeError(f"no changed value for {value!r}: extend the test")

@@ -63,10 +63,10 @@ def write_untrained_package(out_dir: str | Path, seed: int = 0, steps: int = 10,
     parts = out_dir.with_name(out_dir.name + ".parts")
     torch.manual_seed(seed)
     vq = VQModel(model_config(cfg))
-    codebook = vq.quantizer._codebook
     with torch.no_grad():
-        codebook.embed.normal_()
-        codebook.initted.fill_(True)
+        for codebook in vq.codebooks():
+            codebook.embed.normal_()
+            codebook.initted.fill_(True)
     vq.save(parts / "vq", latent_scale=1.0)
     text = build_text_encoder(encoder_spec(cfg))
     text.save(parts / "clip")

@@ -2,7 +2,8 @@
 
 Sits at the two ends of the flow: the encode stage calls `encode` (pre-quantization latents, which
 the LDM diffuses), and sampling calls `decode` (quantize, then decode), as in Rombach et al. 2022.
-The codebook is vector-quantize-pytorch's EMA codebook with k-means init and dead-code replacement.
+The codebook is vector-quantize-pytorch's EMA codebook with k-means init and dead-code replacement;
+with `num_quantizers` > 1 its residual stack (each codebook codes what the ones before left).
 A saved model is a directory with `model.json` (the constructor's arguments) and
 `model.safetensors`, so it can be rebuilt without the training config.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -26,16 +27,35 @@ class VQArchitecture:
     and a saved model's `VQModelConfig` both are one, so each field is declared here only."""
 
     hidden_channels: int = 64
+    """Channels at full resolution."""
+    channel_mult: list[int] = field(default_factory=list)
+    """Channels per resolution, full first, as multiples of hidden_channels: log2(downsample) + 1
+    entries ([1, 2, 4] at downsample 4); empty, hidden_channels at every resolution. Width where the
+    maps are small is cheap: a layer at 1/4 of the side with twice the channels costs 1/4 as much."""
     latent_channels: int = 4
     downsample: int = 4
     """Spatial downsampling factor of the encoder: 4 or 8."""
     codebook_size: int = 256
+    num_quantizers: int = 1
+    """Codebooks in a residual stack (residual VQ, Zeghidour et al. 2021): each codes what the ones
+    before left, so a latent carries num_quantizers x log2(codebook_size) bits; 1 is the plain VQ-VAE."""
     commitment_weight: float = 0.25
     """Weight of the commitment loss (van den Oord et al. 2017 use 0.25)."""
 
     def __post_init__(self):
         if self.downsample not in (4, 8):
             raise ValueError(f"downsample must be 4 or 8, got {self.downsample}")
+        levels = int(math.log2(self.downsample)) + 1
+        if self.channel_mult and (len(self.channel_mult) != levels or min(self.channel_mult) < 1):
+            raise ValueError(f"channel_mult must be empty or {levels} multiples >= 1 (one per resolution at "
+                             f"downsample {self.downsample}), got {list(self.channel_mult)}")
+        if self.num_quantizers < 1:
+            raise ValueError(f"num_quantizers must be >= 1, got {self.num_quantizers}")
+
+    def widths(self) -> list[int]:
+        """Channels per resolution, full first."""
+        mult = list(self.channel_mult) or [1] * (int(math.log2(self.downsample)) + 1)
+        return [self.hidden_channels * m for m in mult]
 
 
 @dataclass
@@ -74,43 +94,45 @@ class VQModel(nn.Module):
     def __init__(self, cfg: VQModelConfig):
         super().__init__()
         self.cfg = cfg
-        h = cfg.hidden_channels
-        levels = int(math.log2(cfg.downsample))
+        widths = cfg.widths()
         # Residual blocks only below full resolution: at full resolution they would cost most of
         # the compute for little gain on small images (the stride-2 convs see every pixel).
-        enc = [nn.Conv2d(cfg.in_channels, h, 3, padding=1)]
-        for _ in range(levels):
-            enc += [nn.Conv2d(h, h, 4, stride=2, padding=1), ResBlock(h)]
-        enc += [_norm(h), nn.SiLU(), nn.Conv2d(h, cfg.latent_channels, 3, padding=1)]
+        enc = [nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)]
+        for wide, narrow in zip(widths[1:], widths):
+            enc += [nn.Conv2d(narrow, wide, 4, stride=2, padding=1), ResBlock(wide)]
+        enc += [_norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], cfg.latent_channels, 3, padding=1)]
         self.encoder = nn.Sequential(*enc)
-        dec = [nn.Conv2d(cfg.latent_channels, h, 3, padding=1)]
-        for _ in range(levels):
-            dec += [ResBlock(h), nn.ConvTranspose2d(h, h, 4, stride=2, padding=1)]
-        dec += [_norm(h), nn.SiLU(), nn.Conv2d(h, cfg.in_channels, 3, padding=1)]
+        dec = [nn.Conv2d(cfg.latent_channels, widths[-1], 3, padding=1)]
+        for wide, narrow in reversed(list(zip(widths[1:], widths))):
+            dec += [ResBlock(wide), nn.ConvTranspose2d(wide, narrow, 4, stride=2, padding=1)]
+        dec += [_norm(widths[0]), nn.SiLU(), nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
         # Imported here: `pipeline.config` imports this module for `VQArchitecture`, and the
         # quantizer's library takes seconds to import.
-        from vector_quantize_pytorch import VectorQuantize
+        from vector_quantize_pytorch import ResidualVQ, VectorQuantize
 
-        self.quantizer = VectorQuantize(
-            dim=cfg.latent_channels,
-            codebook_size=cfg.codebook_size,
-            decay=cfg.codebook_decay,
-            commitment_weight=cfg.commitment_weight,
-            kmeans_init=True,
-            kmeans_iters=10,
-            threshold_ema_dead_code=cfg.dead_code_threshold,
-            accept_image_fmap=True,
-        )
+        codebook = dict(codebook_size=cfg.codebook_size, decay=cfg.codebook_decay,
+                        commitment_weight=cfg.commitment_weight, kmeans_init=True, kmeans_iters=10,
+                        threshold_ema_dead_code=cfg.dead_code_threshold)
+        # Both are given (B, h*w, C) vectors: ResidualVQ's own image-map path fails (0.6.x).
+        self.quantizer = (VectorQuantize(dim=cfg.latent_channels, **codebook) if cfg.num_quantizers == 1 else
+                          ResidualVQ(dim=cfg.latent_channels, num_quantizers=cfg.num_quantizers, **codebook))
+
+    def codebooks(self) -> list[nn.Module]:
+        """The quantizer's codebooks (`embed`, `initted`), the first quantizer's first."""
+        layers = [self.quantizer] if self.cfg.num_quantizers == 1 else list(self.quantizer.layers)
+        return [layer._codebook for layer in layers]
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1], (B, 3, H, W) -> pre-quantization latents (B, C, H/f, W/f)."""
         return self.encoder(images)
 
     def quantize(self, latents: torch.Tensor):
-        """Latents -> (quantized latents, code indices (B, h, w), commitment loss)."""
-        quantized, indices, commit_loss = self.quantizer(latents)
-        return quantized, indices, commit_loss.sum()
+        """Latents (B, C, h, w) -> (quantized latents, code indices (B, h, w, num_quantizers), commitment loss)."""
+        b, c, h, w = latents.shape
+        quantized, indices, commit_loss = self.quantizer(latents.flatten(2).transpose(1, 2))  # (B, h*w, C)
+        quantized = quantized.transpose(1, 2).reshape(b, c, h, w)
+        return quantized, indices.reshape(b, h, w, self.cfg.num_quantizers), commit_loss.sum()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pre-quantization latents -> images in about [-1, 1]: quantize, then decode."""

@@ -77,20 +77,23 @@ def image_batches(ds, chunk: int, device: torch.device):
 
 @torch.no_grad()
 def evaluate(model: VQModel, batches) -> dict:
-    """Held-out PSNR (dB) and the fraction of codebook entries used, chunk by chunk."""
-    squared, count, used = 0.0, 0, set()
+    """Held-out PSNR (dB) and the fraction of codebook entries used (the mean over the codebooks of
+    a residual stack), chunk by chunk."""
+    squared, count, used = 0.0, 0, {}
     for images in batches:
         recon, indices, _ = model(images)
         squared += F.mse_loss(recon.clamp(-1, 1), images, reduction="sum").item()
         count += images.numel()
         if indices is not None:  # a continuous (KL) first stage has no codes
-            used.update(indices.flatten().tolist())
+            codes = indices.reshape(-1, indices.shape[-1] if indices.dim() == 4 else 1)  # (positions, codebooks)
+            for book, column in enumerate(codes.T.tolist()):
+                used.setdefault(book, set()).update(column)
     if count == 0:
         raise ValueError("no usable held-out images found in data.shards")
     mse = squared / count
     metrics = {"psnr": float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)}
     if model.cfg.codebook_size:
-        metrics["codebook_usage"] = len(used) / model.cfg.codebook_size
+        metrics["codebook_usage"] = sum(len(codes) for codes in used.values()) / (len(used) * model.cfg.codebook_size)
     return metrics
 
 
