@@ -103,6 +103,12 @@ class VQConfig(VQLoss, VQArchitecture, FirstStageTraining):
     (`VQLoss`'s: `vq.loss`, plain or VQGAN), then its training (`FirstStageTraining`'s)."""
 
     hidden_channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 1, 2])
+    num_quantizers: int = 4
+    """Four codebooks and the latents' resolution twice as wide (with `lr` 4e-3): on the quality
+    benchmark's emoji at 32 px, held-out PSNR 25.3 dB in 1.24x the stage's time, where one codebook at
+    one width gives 22.2 (both with the shuffled epochs of `pipeline.training.first_stage`; 21.4 before them)."""
+    lr: float = 4e-3
     pretrained: str = ""
     """A VQ model directory (model.json + safetensors) or a registered VQ's URI
     (models:/<name>-vq/<version>) to load instead of training one."""

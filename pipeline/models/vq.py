@@ -29,9 +29,10 @@ class VQArchitecture:
     hidden_channels: int = 64
     """Channels at full resolution."""
     channel_mult: list[int] = field(default_factory=list)
-    """Channels per resolution, full first, as multiples of hidden_channels: log2(downsample) + 1
-    entries ([1, 2, 4] at downsample 4); empty, hidden_channels at every resolution. Width where the
-    maps are small is cheap: a layer at 1/4 of the side with twice the channels costs 1/4 as much."""
+    """Channels per resolution, full first, as multiples of hidden_channels, the last entry holding
+    for the resolutions below it ([1, 1, 2]: the latents' resolution twice as wide at downsample 4,
+    and the last two at 8); empty, hidden_channels at every resolution. Width where the maps are
+    small is cheap: a layer at half the side with twice the channels costs the same."""
     latent_channels: int = 4
     downsample: int = 4
     """Spatial downsampling factor of the encoder: 4 or 8."""
@@ -46,15 +47,16 @@ class VQArchitecture:
         if self.downsample not in (4, 8):
             raise ValueError(f"downsample must be 4 or 8, got {self.downsample}")
         levels = int(math.log2(self.downsample)) + 1
-        if self.channel_mult and (len(self.channel_mult) != levels or min(self.channel_mult) < 1):
-            raise ValueError(f"channel_mult must be empty or {levels} multiples >= 1 (one per resolution at "
+        if self.channel_mult and (len(self.channel_mult) > levels or min(self.channel_mult) < 1):
+            raise ValueError(f"channel_mult must be at most {levels} multiples >= 1 (one per resolution at "
                              f"downsample {self.downsample}), got {list(self.channel_mult)}")
         if self.num_quantizers < 1:
             raise ValueError(f"num_quantizers must be >= 1, got {self.num_quantizers}")
 
     def widths(self) -> list[int]:
         """Channels per resolution, full first."""
-        mult = list(self.channel_mult) or [1] * (int(math.log2(self.downsample)) + 1)
+        mult = list(self.channel_mult) or [1]
+        mult += mult[-1:] * (int(math.log2(self.downsample)) + 1 - len(mult))
         return [self.hidden_channels * m for m in mult]
 
 

@@ -24,6 +24,8 @@ def test_widths_grow_where_the_maps_shrink_and_the_latents_keep_their_shape():
     assert model.encode(images()).shape == (16, 3, 4, 4)
     recon, indices, _ = model(images())
     assert recon.shape == (16, 3, 16, 16) and indices.shape == (16, 4, 4, 1)
+    # The last multiple holds below it: the same list at downsample 8.
+    assert VQModelConfig(hidden_channels=8, channel_mult=[1, 1, 2], downsample=8).widths() == [8, 8, 16, 16]
 
 
 def test_more_codebooks_in_the_residual_stack_quantize_the_latents_more_exactly():
@@ -71,8 +73,8 @@ def test_a_model_saved_before_widths_and_stacks_loads_as_the_plain_vq(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("vq.channel_mult=[1,2]", r"vq\.channel_mult must be empty or 3 multiples"),
-    ("vq.channel_mult=[1,0,2]", r"vq\.channel_mult must be empty or 3 multiples"),
+    ("vq.channel_mult=[1,2,2,4]", r"vq\.channel_mult must be at most 3 multiples"),
+    ("vq.channel_mult=[1,0,2]", r"vq\.channel_mult must be at most 3 multiples"),
     ("vq.num_quantizers=0", r"vq\.num_quantizers must be >= 1"),
 ])
 def test_bad_widths_or_stacks_name_the_key(override, message):
