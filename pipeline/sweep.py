@@ -219,7 +219,8 @@ def evaluations_per_trial(cfg: PipelineConfig) -> int:
 
 
 def close_stopped_runs(tracking_uri: str, sweep_run_id: str) -> list[str]:
-    """The MLflow runs of trials that ASHA stopped (their processes ended mid-run) as KILLED."""
+    """The MLflow runs of trials that ASHA stopped (their processes ended mid-run) as KILLED, each
+    ended at the last metric it logged, so that its span in the MLflow UI is the time it ran."""
     client = mlflow.MlflowClient(tracking_uri)
     experiment = client.get_run(sweep_run_id).info.experiment_id
     killed, parents = [], [sweep_run_id]
@@ -228,7 +229,10 @@ def close_stopped_runs(tracking_uri: str, sweep_run_id: str) -> list[str]:
         for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'"):
             parents.append(run.info.run_id)
             if run.info.status == "RUNNING":
-                client.set_terminated(run.info.run_id, "KILLED")
+                last = max((m.timestamp for key in run.data.metrics
+                            for m in client.get_metric_history(run.info.run_id, key)),
+                           default=run.info.start_time)
+                client.set_terminated(run.info.run_id, "KILLED", end_time=last)
                 killed.append(run.info.run_id)
     return killed
 

@@ -305,7 +305,7 @@ class Workflow:
     def _run(self, stage: Stage) -> StageResult:
         """Run (or find cached) one stage inside its own nested MLflow run."""
         key = self.key(stage)
-        with mlflow.start_run(run_name=stage.name, nested=True) as child:
+        with mlflow.start_run(run_name=stage.name, nested=True, tags={"stage": stage.name}) as child:
             params = {}
             for path in stage.reads:
                 value = config_value(self.cfg, path)
@@ -315,7 +315,7 @@ class Workflow:
             self.stage_runs[stage.name] = child.info.run_id
             print(f"== stage {stage.name} (key {key}) ==", flush=True)
             result = run_stage(self.workdir, stage.name, key, lambda out: stage.run(self, out, child.info.run_id))
-            mlflow.set_tags({"stage": stage.name, "status": result.status, "cache_key": key})
+            mlflow.set_tags({"status": result.status, "cache_key": key})
             numeric = _numeric_metrics(result.metrics)
             if numeric:
                 mlflow.log_metrics(numeric)
