@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Iterator
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
