@@ -23,6 +23,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config.training import VQ_PRESETS
+
+VQ_PRESET_KEYS = tuple(VQ_PRESETS["plain"])
+
 EPOCHS_REPEATED = 22.0
 """Passes when captions repeat: the demo (60 distinct captions over 4,000 images: 22.7 epochs, 1,411
 steps of 64) has adherence 0.99 after 1,400 steps."""
@@ -64,6 +68,91 @@ def ldm_budget(max_steps: int, epochs: float, samples: int, distinct_captions: i
     steps = max(1, math.ceil(epochs * per_epoch))
     return Budget(steps, epochs, samples, distinct_captions, per_epoch,
                   f"{why}: {steps} steps of {per_epoch} an epoch")
+
+
+REPEATED_SHARE = 0.05
+"""Captions repeat when at most this share of the samples has a caption of its own (the demo: 1.5%)."""
+PLAIN_MAX_IMAGE_SIZE = 32
+"""The "plain" first stage only for images up to this side: at 64 px the "detailed" one keeps 3.4 dB
+more on real images (28.6 against 25.2 dB)."""
+
+
+def vq_preset(image_size: int, samples: int, distinct_captions: int) -> tuple[str, str]:
+    """(the first stage's preset, why) for a training set: "plain" (one codebook, one width) for small
+    images whose captions repeat, a few kinds of image shown many times (the demo: 60 captions over
+    4,000 images learn to 30.6 dB with it, and "detailed" costs ~25% more of the stage's time);
+    "detailed" (four codebooks, twice the width at the latents) for the rest: real images, each
+    with a caption of its own, lose their detail in the plain one (22.2 against 25.3 dB on the
+    quality benchmark's emoji)."""
+    share = distinct_captions / max(1, samples)
+    counts = f"{distinct_captions} distinct captions over {samples} samples ({share:.1%})"
+    if share <= REPEATED_SHARE and image_size <= PLAIN_MAX_IMAGE_SIZE:
+        return "plain", (f"{counts}: captions repeat (<= {REPEATED_SHARE:.0%}) at {image_size} px, a few kinds "
+                         "of image")
+    why = (f"at {image_size} px (> {PLAIN_MAX_IMAGE_SIZE})" if share <= REPEATED_SHARE
+           else f"captions mostly their own (> {REPEATED_SHARE:.0%})")
+    return "detailed", f"{counts}, {why}: detail to keep"
+
+
+def with_vq_preset(cfg, samples: int, distinct_captions: int):
+    """(cfg with `vq.preset` resolved and its values in the fields left at null, the reason)."""
+    vq = cfg.vq
+    if vq.preset == "auto":
+        name, why = vq_preset(cfg.data.image_size, samples, distinct_captions)
+        why = f"vq.preset=auto: {why}"
+    else:
+        name, why = vq.preset, f"vq.preset={vq.preset} is set"
+    unset = vq.unset()
+    resolved = vq.with_preset(name)
+    kept = [key for key in VQ_PRESET_KEYS if key not in unset]
+    if kept:
+        why += f" ({', '.join(f'vq.{key}={getattr(vq, key)}' for key in kept)} as set)"
+    values = ", ".join(f"{key}={getattr(resolved, key)}" for key in VQ_PRESET_KEYS)
+    return dataclasses.replace(cfg, vq=resolved), f"{name} ({values}): {why}"
+
+
+MEDIUM_MIN_SAMPLES = 10_000
+"""On a GPU, the "medium" UNet (45M parameters) from this many training samples; the "tiny" one
+(1M) below, and always on CPUs, where it is what trains in minutes (the demo: 330 img/s on 2 cores).
+A heuristic, not measured here (no GPU): a million parameters are too few to learn tens of
+thousands of images, and the medium UNet's step on a GPU costs about what tiny's does on a CPU."""
+
+
+def unet_preset(use_gpu: bool, samples: int, latent_side: int) -> tuple[str, str]:
+    """(the ldm's UNet preset, why) from where it trains and the training set's size."""
+    from pipeline.models.unet import UNET_PRESETS
+
+    if not use_gpu:
+        return "tiny", "ldm.use_gpu=false: the CPU-sized UNet"
+    if samples < MEDIUM_MIN_SAMPLES:
+        return "tiny", f"{samples} training samples (< {MEDIUM_MIN_SAMPLES:,} for the medium UNet)"
+    factor = UNET_PRESETS["medium"].downsample_factor
+    if latent_side % factor or latent_side < 2 * factor:
+        return "tiny", (f"{samples} training samples, but {latent_side}-wide latents do not halve "
+                        f"{factor.bit_length() - 1} times down to >= 2 (the medium UNet)")
+    return "medium", f"{samples} training samples (>= {MEDIUM_MIN_SAMPLES:,}) on a GPU"
+
+
+def with_unet_preset(cfg, samples: int, latent_side: int):
+    """(cfg with `ldm.preset` resolved, the reason); a preset set by hand is kept."""
+    if cfg.ldm.preset != "auto":
+        return cfg, f"{cfg.ldm.preset}: ldm.preset={cfg.ldm.preset} is set"
+    name, why = unet_preset(cfg.ldm.use_gpu, samples, latent_side)
+    return dataclasses.replace(cfg, ldm=dataclasses.replace(cfg.ldm, preset=name)), f"{name}: ldm.preset=auto: {why}"
+
+
+def with_latents_recipe(cfg, latents_dir: Path):
+    """cfg with what it leaves to the data resolved for an encoded set, where the workflow has not:
+    the UNet (from the set's size and its smallest latent side) and the ldm budget."""
+    import json
+
+    from pipeline.data.buckets import latent_buckets
+
+    if cfg.ldm.preset == "auto":
+        buckets = latent_buckets(json.loads((Path(latents_dir) / "metadata.json").read_text()))
+        side = min(min(bucket["latent_shape"][1:]) for bucket in buckets.values())
+        cfg = with_unet_preset(cfg, latent_set_counts(latents_dir)[0], side)[0]
+    return with_ldm_budget(cfg, latents_dir)[0] if not cfg.ldm.max_steps else cfg
 
 
 def latent_set_counts(latents_dir: Path) -> tuple[int, int]:

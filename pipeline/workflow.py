@@ -25,7 +25,7 @@ from pipeline.config import PipelineConfig, to_yaml
 from pipeline.data.locate import resolve_shards, shard_fingerprints
 from pipeline.data.shards import write_demo_shards
 from pipeline.ray_runtime import init_ray, run_task
-from pipeline.recipe import global_batch, with_ldm_budget
+from pipeline.recipe import global_batch, with_ldm_budget, with_unet_preset
 from pipeline.stages.cache import StageResult, content_key, dir_digest, run_stage
 from pipeline.tracking import to_flat_dict
 
@@ -103,7 +103,9 @@ def _ldm(w: Workflow, out: Path, run_id: str) -> dict:
     metrics = run_ldm(w.cfg, w.output("encode"), out, run_id, name=f"ldm-{key}", prompts=w.prompts, evaluation=during)
     registered = log_package(out, w.output("encode"), w.output("vq"), w.output("clip"), w.cfg, run_id)
     if run_id:
-        mlflow.MlflowClient(w.cfg.tracking_uri).set_tag(run_id, "recipe.ldm", w.budget.reason)
+        client = mlflow.MlflowClient(w.cfg.tracking_uri)
+        client.set_tag(run_id, "recipe.ldm", w.budget.reason)
+        client.set_tag(run_id, "recipe.unet", w.unet_reason)
     return {**metrics, "steps": w.budget.max_steps, "epochs": w.budget.epochs, "model_version": int(registered["version"])}
 
 
@@ -134,7 +136,9 @@ STAGES = (
           only_if=lambda cfg: not cfg.data.shards),
     Stage("vq", ("vq", "data", "seed"), ("shards",), _vq, by_content=True, headline=("psnr", "codebook_usage")),
     Stage("clip", ("clip", "data", "seed"), ("shards",), _clip, by_content=True, headline=("retrieval_top1",)),
-    Stage("encode", ("encode", "data"), ("shards", "vq", "clip"), _encode, headline=("samples", "crop_mean")),
+    # The UNet's downsampling decides the buckets' sizes (`ldm.preset`, resolved after the vq stage).
+    Stage("encode", ("encode", "data", "ldm.preset"), ("shards", "vq", "clip"), _encode,
+          headline=("samples", "crop_mean")),
     # The samples stage's sampling settings are baked into the package as its defaults.
     # The world size and the micro batch are layout: a failed run resumes on more or fewer workers
     # (ZeRO-0), with the same global batch and so the same samples in the same order.
@@ -226,6 +230,8 @@ class Workflow:
         self.parent_run_id, self.run_name = parent_run_id, run_name
         self.budget = None
         """The ldm stage's budget (`pipeline.recipe.Budget`), once the encode stage has run."""
+        self.unet_reason = ""
+        """Why the ldm's UNet is the one it is (`pipeline.recipe.with_unet_preset`), once the vq stage has run."""
         self.stage_runs: dict[str, str] = {}
         """The MLflow run of each stage begun, as soon as it begins (a sweep reads the ldm run's FD curve)."""
         self.workdir = Path(cfg.workdir).resolve()
@@ -282,6 +288,10 @@ class Workflow:
                     continue
                 result = self._run(stage)
                 mlflow.log_metrics(headline_metrics(stage, result))  # on the workflow run
+                if stage.name == "vq":  # the UNet, where the config leaves it to the data
+                    self.cfg, self.unet_reason = with_unet_preset(self.cfg, *self.unet_inputs(result))
+                    print(f"[recipe] unet: {self.unet_reason}", flush=True)
+                    mlflow.set_tag("recipe.unet", self.unet_reason)
                 if stage.name == "encode":  # the ldm's budget, where the config leaves it to the data
                     self.cfg, self.budget = with_ldm_budget(self.cfg, result.output)
                     print(f"[recipe] ldm: {self.budget.reason}", flush=True)
@@ -292,6 +302,19 @@ class Workflow:
                     return {"stage": self.until, "output": str(result.output), "mlflow_run_id": parent.info.run_id,
                             "stages": {name: r.summary() for name, r in self.results.items()}}
             return self._summary(parent)
+
+    def unet_inputs(self, vq: StageResult) -> tuple[int, int]:
+        """(training samples, latent side) for `with_unet_preset`: the samples the vq stage counted
+        (counted here for a pretrained first stage, where the choice needs them: on a GPU)."""
+        from pipeline.models.vq import downsample_of
+
+        side = self.cfg.data.image_size // downsample_of(json.loads((vq.output / "model.json").read_text()))
+        samples = vq.metrics.get("train_samples")
+        if samples is None and self.cfg.ldm.preset == "auto" and self.cfg.ldm.use_gpu:
+            from pipeline.stages.vq import training_counts
+
+            samples = training_counts(self.cfg, self.shards)[0]
+        return samples or 0, side
 
     def found_shards(self, shards: list[str]) -> None:
         """The shards are listed (a missing or unreadable one is an error here, before any stage

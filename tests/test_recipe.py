@@ -1,5 +1,6 @@
-"""The ldm budget where the config leaves it to the data (pipeline/recipe.py): on two encoded sets of
-other sizes and vocabularies, what is chosen and why, and that a budget set by hand is kept."""
+"""What the config leaves to the data (pipeline/recipe.py): the ldm budget, the first stage's
+capacity and the UNet: on data sets of other sizes and vocabularies, what is chosen and why, and that a choice
+set by hand is kept."""
 
 import json
 
@@ -8,7 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.recipe import EPOCHS_DISTINCT, EPOCHS_REPEATED, latent_set_counts, with_ldm_budget
+from pipeline.config.training import VQ_PRESETS
+from pipeline.models.vq import VQModelConfig
+from pipeline.recipe import (EPOCHS_DISTINCT, EPOCHS_REPEATED, latent_set_counts, with_latents_recipe, with_ldm_budget,
+                             with_unet_preset, with_vq_preset)
 
 
 def encoded_set(directory, captions: list[str], buckets: dict[str, int]):
@@ -68,3 +72,58 @@ def test_a_small_set_counts_its_epochs_in_the_batches_it_can_fill(tmp_path):
 def test_a_negative_budget_is_an_error_naming_the_keys(override):
     with pytest.raises(ConfigError, match=r"ldm\.max_steps and ldm\.epochs must be >= 0"):
         load_config(None, [override])
+
+
+# The first stage's capacity (vq.preset=auto, chosen when the vq stage has read its training set).
+
+@pytest.mark.parametrize("size, samples, distinct, preset", [
+    (32, 4000, 60, "plain"),        # the demo: 60 captions over 4,000 shapes, small images of a few kinds
+    (32, 3499, 3499, "detailed"),   # the quality benchmark's emoji: every caption its own
+    (64, 4000, 60, "detailed"),     # captions repeat, but at 64 px there is detail to keep
+    (32, 7500, 3800, "detailed"),   # the artists' set of issue 21: half the captions distinct
+])
+def test_the_data_chooses_the_first_stage_and_says_why(size, samples, distinct, preset):
+    cfg, why = with_vq_preset(load_config(None, [f"data.image_size={size}"]), samples, distinct)
+    assert cfg.vq.preset == preset and why.startswith(f"{preset} (")
+    assert f"{distinct} distinct captions over {samples} samples" in why
+    for key, value in VQ_PRESETS[preset].items():
+        assert getattr(cfg.vq, key) == value, key
+    assert VQModelConfig.of(cfg.vq).num_quantizers == VQ_PRESETS[preset]["num_quantizers"]
+
+
+def test_a_first_stage_set_by_hand_is_kept_and_named():
+    cfg, why = with_vq_preset(load_config(None, ["vq.preset=plain"]), 3499, 3499)
+    assert cfg.vq.num_quantizers == 1 and "vq.preset=plain is set" in why
+    cfg, why = with_vq_preset(load_config(None, ["vq.num_quantizers=2", "vq.lr=1e-3"]), 4000, 60)
+    assert (cfg.vq.preset, cfg.vq.num_quantizers, cfg.vq.lr, cfg.vq.channel_mult) == ("plain", 2, 1e-3, [])
+    assert "vq.num_quantizers=2, vq.lr=0.001 as set" in why
+
+
+@pytest.mark.parametrize("override, match", [
+    ("vq.preset=huge", r"vq\.preset must be 'auto' or one of \['detailed', 'plain'\], got 'huge'"),
+    ("vq.num_quantizers=0", r"vq\.num_quantizers must be >= 1"),
+    ("vq.channel_mult=[1,2,2,4]", r"vq\.channel_mult must be at most 3 multiples"),
+])
+def test_a_bad_first_stage_is_named_before_any_work(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+# The UNet (ldm.preset=auto, chosen after the vq stage from where it trains and the set's size).
+
+@pytest.mark.parametrize("gpu, samples, side, preset, reason", [
+    (False, 50_000, 32, "tiny", "ldm.use_gpu=false"),                      # any size on CPUs
+    (True, 3_499, 32, "tiny", "3499 training samples (< 10,000"),           # the emoji on a GPU
+    (True, 40_000, 32, "medium", "40000 training samples (>= 10,000) on a GPU"),
+    (True, 40_000, 12, "tiny", "12-wide latents do not halve 3 times"),    # 48 px images: too small to halve thrice
+])
+def test_the_data_and_the_hardware_choose_the_unet_and_say_why(gpu, samples, side, preset, reason):
+    cfg, why = with_unet_preset(load_config(None, [f"ldm.use_gpu={str(gpu).lower()}"]), samples, side)
+    assert cfg.ldm.preset == preset and why.startswith(f"{preset}: ldm.preset=auto") and reason in why
+
+
+def test_a_unet_set_by_hand_is_kept_and_an_encoded_set_resolves_the_rest(tmp_path):
+    cfg, why = with_unet_preset(load_config(None, ["ldm.preset=medium"]), 10, 8)
+    assert cfg.ldm.preset == "medium" and why == "medium: ldm.preset=medium is set"
+    cfg = with_latents_recipe(load_config(None, []), demo_like(tmp_path))  # what run_ldm resolves by itself
+    assert cfg.ldm.preset == "tiny" and cfg.ldm.max_steps > 0

@@ -94,6 +94,9 @@ def test_own_folder_of_captioned_jpegs_at_another_size_in_buckets(ray_session, t
     d_loss = client.get_metric_history(vq_run.info.run_id, "d_loss")
     assert sorted(m.step for m in d_loss) == [4, 5, 6] and all(np.isfinite(m.value) for m in d_loss)
     assert {"g_loss", "adv_weight", "perceptual_loss"} <= set(vq_run.data.metrics)
+    # Every caption its own: the first stage with detail to keep (vq.preset=auto), and why.
+    assert vq_run.data.tags["recipe.vq"].startswith("detailed (") and stages["vq"]["metrics"]["num_quantizers"] == 4
+    assert "60 distinct captions over 60 samples" in vq_run.data.tags["recipe.vq"]
     ldm_run = next(run for run in children if run.data.tags["stage"] == "ldm")
     assert ldm_run.data.params["ldm.max_steps"] == "4"
     assert ldm_run.data.tags["recipe.ldm"] == "ldm.epochs=2 is set: 4 steps of 2 an epoch"

@@ -98,6 +98,8 @@ def test_mlflow_has_a_parent_run_a_child_per_stage_and_the_registered_model(demo
     assert set(by_stage) == {"shards", "vq", "clip", "encode", "ldm", "samples", "evaluate", "promote"}
     ldm = by_stage["ldm"]
     assert ldm.data.params["ldm.p_uncond"] == "0.1"
+    # The UNet chosen after the vq stage (ldm.preset=auto), and why, on the workflow and ldm runs.
+    assert parent.data.tags["recipe.unet"] == ldm.data.tags["recipe.unet"] == "tiny: ldm.preset=auto: ldm.use_gpu=false: the CPU-sized UNet"
     # rank 0 logged per-step training metrics
     losses = client.get_metric_history(ldm.info.run_id, "loss")
     assert [m.step for m in losses] == [1, 2, 3, 4, 5, 6]
@@ -108,6 +110,8 @@ def test_mlflow_has_a_parent_run_a_child_per_stage_and_the_registered_model(demo
     grids = [a.path for a in client.list_artifacts(ldm.info.run_id, "samples")]
     assert grids == ["samples/step_000003.png", "samples/step_000006.png"]
     assert "psnr" in by_stage["vq"].data.metrics
+    vq = summary["stages"]["vq"]["metrics"]  # the first stage chosen from the captions it read, and why
+    assert f"{vq['distinct_captions']} distinct captions over {vq['train_samples']} samples" in by_stage["vq"].data.tags["recipe.vq"]
     name, version = summary["model_uri"].split("/")[1:]
     model_version = client.get_model_version(name, version)
     assert client.get_model_version_by_alias(name, cfg.mlflow.alias).version == model_version.version

@@ -55,6 +55,7 @@ def write_untrained_package(out_dir: str | Path, seed: int = 0, steps: int = 10,
     from pipeline.models.text import build_text_encoder
     from pipeline.models.unet import UNet, unet_config
     from pipeline.models.vq import VQModel
+    from pipeline.recipe import with_unet_preset
     from pipeline.stages.clip import encoder_spec
     from pipeline.stages.vq import model_config
 
@@ -72,8 +73,8 @@ def write_untrained_package(out_dir: str | Path, seed: int = 0, steps: int = 10,
     text.save(parts / "clip")
     side = cfg.data.image_size // cfg.vq.downsample
     latent_shape = [cfg.vq.latent_channels, side, side]
-    ucfg = unet_config(cfg.ldm.preset, in_channels=cfg.vq.latent_channels, context_dim=text.token_dim,
-                       pooled_dim=text.pooled_dim)
+    preset = with_unet_preset(cfg, 0, side)[0].ldm.preset  # no data here: "auto" is the CPU's tiny
+    ucfg = unet_config(preset, in_channels=cfg.vq.latent_channels, context_dim=text.token_dim, pooled_dim=text.pooled_dim)
     unet = UNet(ucfg)
     with torch.no_grad():
         for p in unet.parameters():

@@ -150,6 +150,7 @@ def main(argv: list[str]) -> dict:
 
     import ray
 
+    from pipeline.recipe import with_latents_recipe
     from pipeline.tracking import setup_experiment
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,6 +161,7 @@ def main(argv: list[str]) -> dict:
         ray.init(num_cpus=max(2, int(cfg.ldm.cpus_per_worker)), include_dashboard=False, log_to_driver=False)
         try:
             latents_dir = bench_latents(cfg, root, args.rows)
+            cfg = with_latents_recipe(cfg, latents_dir)  # the UNet and budget the stage resolves, for both
             before = bare_loop(cfg, latents_dir, args.steps)
             setup_experiment(cfg.tracking_uri, "benchmark-train", root / "work")
             run = timed_ldm(cfg, latents_dir, root / "ldm", "bench")

@@ -61,8 +61,8 @@ class PipelineConfig:
                 f"/mnt/work): stage outputs are renamed into place and locked, which an object store cannot do. Keep "
                 f"shards, checkpoints and artifacts there instead: data.shards=s3://..., ldm.storage_path=s3://..., "
                 f"and an MLflow server with an S3 artifact store (mlflow.tracking_uri)")
-        if self.ldm.preset not in UNET_PRESETS:
-            raise ConfigError(f"ldm.preset must be one of {sorted(UNET_PRESETS)}, got {self.ldm.preset!r}")
+        if self.ldm.preset != "auto" and self.ldm.preset not in UNET_PRESETS:
+            raise ConfigError(f"ldm.preset must be 'auto' or one of {sorted(UNET_PRESETS)}, got {self.ldm.preset!r}")
         if self.promote.alias == self.mlflow.alias:
             raise ConfigError(f"promote.alias and mlflow.alias are both {self.mlflow.alias!r}: every new version "
                               f"would take the alias that evaluation is meant to gate")

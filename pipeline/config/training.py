@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Optional
 
 from pipeline.config.errors import ConfigError
 from pipeline.config.errors import positive as _positive
@@ -97,26 +98,43 @@ class FirstStageTraining(WorkerGroup):
             raise ConfigError(f"{section}.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
+VQ_PRESETS: dict[str, dict] = {
+    # One codebook at one width (the first default): enough for images of a few kinds, such as the
+    # demo's shapes (held-out PSNR 30.6 dB there, and its samples follow their prompts).
+    "plain": {"channel_mult": [], "num_quantizers": 1, "lr": 2e-3},
+    # Four codebooks and the latents' resolution twice as wide: on the quality benchmark's emoji at
+    # 32 px held-out PSNR 25.3 dB in 1.24x the stage's time, where "plain" gives 22.2 (both with the
+    # shuffled epochs of `pipeline.training.first_stage`; 21.4 before them); at 64 px 28.6 dB
+    # against 25.2, in 1.42x the time; on the demo 32.9 dB.
+    "detailed": {"channel_mult": [1, 1, 2], "num_quantizers": 4, "lr": 4e-3},
+}
+"""First-stage capacities by name (`vq.preset`); `pipeline.recipe.vq_preset` picks one from the data."""
+
+
 @dataclass
 class VQConfig(VQLoss, VQArchitecture, FirstStageTraining):
     """The vq stage: the architecture (`VQArchitecture`'s fields, smaller here), the objective
     (`VQLoss`'s: `vq.loss`, plain or VQGAN), then its training (`FirstStageTraining`'s)."""
 
+    preset: str = "auto"
+    """The first stage's capacity, one of VQ_PRESETS ("plain", "detailed"), which sets the fields
+    below left at null. "auto": chosen from the training set when the vq stage reads it
+    (`pipeline.recipe.vq_preset`: "plain" for small images whose captions repeat, like the demo's,
+    "detailed" otherwise); the choice and its reason are printed and tagged `recipe.vq` on the run."""
     hidden_channels: int = 32
-    channel_mult: list[int] = field(default_factory=lambda: [1, 1, 2])
-    num_quantizers: int = 4
-    """Four codebooks and the latents' resolution twice as wide (with `lr` 4e-3): on the quality
-    benchmark's emoji at 32 px, held-out PSNR 25.3 dB in 1.24x the stage's time, where one codebook at
-    one width gives 22.2 (both with the shuffled epochs of `pipeline.training.first_stage`; 21.4 before them);
-    at 64 px 28.6 dB against 25.2, in 1.42x the time."""
-    lr: float = 4e-3
+    channel_mult: Optional[list[int]] = None
+    """null: the preset's."""
+    num_quantizers: Optional[int] = None
+    """null: the preset's."""
+    lr: Optional[float] = None
+    """null: the preset's."""
     pretrained: str = ""
     """A VQ model directory (model.json + safetensors) or a registered VQ's URI
     (models:/<name>-vq/<version>) to load instead of training one."""
     max_steps: int = 1600
-    """On the demo: held-out PSNR 32.9 dB after 1600 steps at these defaults. With one codebook at
-    one width (offline, batch 32, cosine): 23.6 dB after 400 steps, 29.6 after 1200, 30.9 after 1600;
-    at 400 the decoded colours are visibly off, and so are the samples'."""
+    """On the demo: held-out PSNR 32.9 dB after 1600 steps with the "detailed" preset, 30.9 with
+    "plain" (offline, batch 32, cosine: 23.6 dB after 400 steps, 29.6 after 1200); at 400 the decoded
+    colours are visibly off, and so are the samples'."""
     batch_size: int = 32
     warmup_steps: int = 20
     eval_batch_size: int = 64
@@ -124,8 +142,12 @@ class VQConfig(VQLoss, VQArchitecture, FirstStageTraining):
     evaluation task's memory: at 256 px and 128 channels one activation of 64 images is ~2 GiB)."""
 
     def __post_init__(self):
-        try:
-            VQArchitecture.__post_init__(self)
+        if self.preset != "auto" and self.preset not in VQ_PRESETS:
+            raise ConfigError(f"vq.preset must be 'auto' or one of {sorted(VQ_PRESETS)}, got {self.preset!r}")
+        try:  # the architecture as it would be built, with the preset's values where none is set
+            preset = VQ_PRESETS["detailed" if self.preset == "auto" else self.preset]
+            VQArchitecture(**{f.name: preset[f.name] if getattr(self, f.name) is None else getattr(self, f.name)
+                              for f in fields(VQArchitecture)})
             VQLoss.__post_init__(self)
         except ValueError as err:
             raise ConfigError(f"vq.{err}") from None
@@ -133,6 +155,18 @@ class VQConfig(VQLoss, VQArchitecture, FirstStageTraining):
             raise ConfigError(f"vq.disc_start={self.disc_start} is not below vq.max_steps={self.max_steps}: "
                               "the discriminator would never start")
         self.check_training("vq", eval_batch_size=self.eval_batch_size)
+
+    def unset(self) -> list[str]:
+        """The fields left to the preset (null)."""
+        return [name for name in VQ_PRESETS["plain"] if getattr(self, name) is None]
+
+    def with_preset(self, name: str) -> "VQConfig":
+        """This config with `preset` = name and that preset's values in the fields left at null."""
+        import dataclasses
+
+        values = {key: value for key, value in VQ_PRESETS[name].items() if getattr(self, key) is None}
+        return dataclasses.replace(self, preset=name, **{key: list(v) if isinstance(v, list) else v
+                                                         for key, v in values.items()})
 
 
 @dataclass
@@ -178,8 +212,11 @@ class EncodeConfig:
 
 @dataclass
 class LDMConfig(WorkerGroup):
-    preset: str = "tiny"
-    """UNet preset name (pipeline.models.unet.UNET_PRESETS)."""
+    preset: str = "auto"
+    """UNet preset name (pipeline.models.unet.UNET_PRESETS: tiny, medium, sd). "auto": chosen when
+    the vq stage has read the training set (`pipeline.recipe.unet_preset`: tiny on CPUs and below
+    10,000 samples, medium from there on a GPU); the choice and its reason are printed and tagged
+    `recipe.unet` on the workflow and ldm runs."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     max_steps: int = 0
     """Optimizer steps. 0: `epochs` passes over the encoded training set decide (pipeline/recipe.py)."""
@@ -267,7 +304,7 @@ def check_image_size(image_size: int, vq_downsample: int, preset: str, vq_key: s
     the VQ's downsampling times the UNet's. Checked before any work, not at the ldm stage's first step."""
     from pipeline.models.unet import UNET_PRESETS
 
-    unet = UNET_PRESETS[preset].downsample_factor
+    unet = UNET_PRESETS["tiny" if preset == "auto" else preset].downsample_factor  # auto: the smallest, or tiny
     factor = vq_downsample * unet
     if image_size % factor:
         below = image_size - image_size % factor

@@ -23,7 +23,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data.buckets import latent_buckets, main_bucket, trained_sizes
 from pipeline.models.unet import unet_config
 from pipeline.ray_runtime import check_cpus_left_for_streaming, fit
-from pipeline.recipe import micro_batch, with_ldm_budget
+from pipeline.recipe import micro_batch, with_latents_recipe
 from pipeline.tracking import replay_when_back
 from pipeline.training.checkpoint import count_parameters, read_progress
 from pipeline.training.checkpoint_eval import CheckpointEvalPlan, CheckpointEvaluator, summarize
@@ -118,8 +118,7 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
     `ldm.stream_latents` streams them with Ray Data's dynamic split instead (latent sets larger
     than a worker's memory; resumes at the right step, not with the same batches).
     """
-    if not cfg.ldm.max_steps:  # the budget left to the data (the workflow resolves it after encode)
-        cfg = with_ldm_budget(cfg, latents_dir)[0]
+    cfg = with_latents_recipe(cfg, latents_dir)  # what the data decides, where the workflow has not
     ldm, workers = cfg.ldm, cfg.ldm.num_workers
     datasets = None
     buckets = latent_buckets(json.loads((latents_dir / "metadata.json").read_text()))

@@ -19,6 +19,7 @@ from pipeline.data.images import images_to_tensor
 from pipeline.data.reader import read_captioned_images
 from pipeline.models.vq import VQModel, VQModelConfig
 from pipeline.ray_runtime import run_task, task_resources
+from pipeline.recipe import with_vq_preset
 from pipeline.training.first_stage import FirstStageFit, fit_small_model
 from pipeline.training.vqgan import VQGANObjective, VQLoss
 
@@ -27,7 +28,23 @@ MAX_EVAL_IMAGES = 1000
 
 
 def model_config(cfg: PipelineConfig) -> VQModelConfig:
-    return VQModelConfig.of(cfg.vq)
+    """The VQ model of the config; with `vq.preset=auto` and no data seen, the "detailed" one (the
+    vq stage chooses from its training set, `with_vq_preset`)."""
+    vq = cfg.vq.with_preset("detailed") if cfg.vq.preset == "auto" else cfg.vq.with_preset(cfg.vq.preset)
+    return VQModelConfig.of(vq)
+
+
+def caption_counts(train_ds) -> tuple[int, int]:
+    """(samples, distinct captions) of a training set."""
+    captions = train_ds.select_columns(["caption"]).to_pandas()["caption"]
+    return len(captions), int(captions.nunique())
+
+
+def training_counts(cfg: PipelineConfig, shards: list[str]) -> tuple[int, int]:
+    """(samples, distinct captions) of the shards' training split, read for them alone."""
+    return caption_counts(read_captioned_images(shards, split="train", image_size=cfg.data.image_size,
+                                                heldout_fraction=cfg.data.heldout_fraction,
+                                                max_image_pixels=cfg.data.max_image_pixels))
 
 
 def fit_config(cfg: PipelineConfig) -> dict:
@@ -166,10 +183,20 @@ def run_vq(cfg: PipelineConfig, shards: list[str], out_dir: Path, run_id: str | 
                 max_image_pixels=cfg.data.max_image_pixels)
     train_ds = read_captioned_images(shards, split="train", **read)
     heldout = read_captioned_images(shards, split="heldout", **read).limit(MAX_EVAL_IMAGES).materialize()
+    counts = {}
     if not cfg.vq.pretrained:
         # Materialised here (not only inside the fit) so the latent scale below reads no shard again.
         train_ds = train_ds.limit(cfg.vq.max_train_images).materialize()
+        samples, distinct = caption_counts(train_ds)
+        cfg, why = with_vq_preset(cfg, samples, distinct)
+        print(f"[recipe] vq: {why}", flush=True)
+        if run_id:
+            import mlflow
+
+            mlflow.MlflowClient(cfg.tracking_uri).set_tag(run_id, "recipe.vq", why)
+        counts = {"train_samples": samples, "distinct_captions": distinct, "num_quantizers": cfg.vq.num_quantizers}
         fit_small_model(VQFit, fit_config(cfg), cfg.vq, seed=cfg.seed, tracking_uri=cfg.tracking_uri,
                         run_id=run_id, train_ds=train_ds, out_dir=out_dir, workdir=cfg.workdir)
-    return run_task(finish_vq, str(source), str(out_dir), train_ds.limit(MAX_EVAL_IMAGES).materialize(), heldout,
-                    cfg.vq.eval_batch_size, **task_resources(cfg.vq))
+    metrics = run_task(finish_vq, str(source), str(out_dir), train_ds.limit(MAX_EVAL_IMAGES).materialize(), heldout,
+                       cfg.vq.eval_batch_size, **task_resources(cfg.vq))
+    return {**metrics, **counts}
