@@ -255,12 +255,12 @@ def test_a_replaced_shard_and_a_lost_worker_node(cluster, services, two_jobs):
     loss history holds every step exactly once."""
     s3 = services.s3_client()
     s3.copy_object(Bucket=BUCKET, Key="shards/00001.tar", CopySource={"Bucket": BUCKET, "Key": "shards/00000.tar"})
-    steps, every = 60, 10
+    steps, every = 40, 10
     submission_id = "node-loss"
     submitted = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=2)
     proc = submit(cluster, submission_id, f"workdir={two_jobs['workdir']}", f"mlflow.tracking_uri={services.tracking_uri}",
                   *TINY, f"ldm.max_steps={steps}", f"ldm.checkpoint_every={every}", "ldm.batch_size=32",
-                  "ldm.log_every=1", "ldm.sample_every=0", "ldm.max_failures=2")
+                  "ldm.log_every=1", "ldm.sample_every=0", "ldm.max_failures=2", "evaluate.every=0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     wait_for_log(cluster, submission_id, f"[ldm] step {every + 3}/{steps}")
     wait_for_registered_checkpoint(s3, submitted)
@@ -290,11 +290,11 @@ def test_no_metric_is_lost_when_the_tracking_server_goes_away_mid_training(clust
     """The real mlflow server is stopped while the ldm stage trains and started again: training goes
     on, what could not be sent is kept and sent when the server is back, and the PostgreSQL-backed
     run ends with every step's loss, once."""
-    steps = 150
+    steps = 100
     submission_id = "tracking-outage"
     proc = submit(cluster, submission_id, f"workdir={two_jobs['workdir']}", f"mlflow.tracking_uri={services.tracking_uri}",
                   *TINY, f"ldm.max_steps={steps}", "ldm.checkpoint_every=25", "ldm.batch_size=32", "ldm.log_every=1",
-                  "ldm.sample_every=0")
+                  "ldm.sample_every=0", "evaluate.every=0")  # no evaluation beside it: the trainers get the CPUs
     assert proc.returncode == 0, proc.stdout + proc.stderr
     wait_for_log(cluster, submission_id, f"[ldm] step 10/{steps}")
     services.stop_mlflow()
