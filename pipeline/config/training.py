@@ -299,12 +299,18 @@ class LDMConfig(WorkerGroup):
             raise ConfigError(f"ldm.stall_timeout_s must be >= 0 (0: wait forever), got {self.stall_timeout_s}")
 
 
+def unet_downsample_factor(preset: str) -> int:
+    """How much the UNet of `ldm.preset` halves its latents; for "auto" not yet resolved (outside the
+    workflow, which resolves it after the vq stage), the tiny UNet's, the least any choice needs."""
+    from pipeline.models.unet import UNET_PRESETS
+
+    return UNET_PRESETS["tiny" if preset == "auto" else preset].downsample_factor
+
+
 def check_image_size(image_size: int, vq_downsample: int, preset: str, vq_key: str = "vq.downsample") -> None:
     """Images must shrink to latents that the UNet halves at each level: `image_size` a multiple of
     the VQ's downsampling times the UNet's. Checked before any work, not at the ldm stage's first step."""
-    from pipeline.models.unet import UNET_PRESETS
-
-    unet = UNET_PRESETS["tiny" if preset == "auto" else preset].downsample_factor  # auto: the smallest, or tiny
+    unet = unet_downsample_factor(preset)
     factor = vq_downsample * unet
     if image_size % factor:
         below = image_size - image_size % factor

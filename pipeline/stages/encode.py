@@ -36,11 +36,11 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.conditioning import Conditioning
 from pipeline.config import PipelineConfig
+from pipeline.config.training import unet_downsample_factor
 from pipeline.data.buckets import parse_size, size_name, training_buckets
 from pipeline.data.images import images_to_tensor, ragged
 from pipeline.data.reader import counts_summary, read_captioned_images, read_shard_counts, sum_counts
 from pipeline.models.text import TextEncoder, truncation
-from pipeline.models.unet import UNET_PRESETS
 from pipeline.models.vq import VQModel, downsample_of
 from pipeline.ray_runtime import run_task
 
@@ -87,7 +87,7 @@ def run_encode(cfg: PipelineConfig, shards: list[str], vq_dir: Path, clip_dir: P
     """Encode every good sample of the shards' training split into `out_dir`; returns counts."""
     vq_meta = json.loads((vq_dir / "model.json").read_text())
     downsample = downsample_of(vq_meta)
-    sizes = training_buckets(cfg.data, downsample * UNET_PRESETS[cfg.ldm.preset].downsample_factor)
+    sizes = training_buckets(cfg.data, downsample * unet_downsample_factor(cfg.ldm.preset))
     shards = list(dict.fromkeys(shards))  # a shard listed twice is read (and counted) once
     counts_dir = out_dir / "counts"  # one JSON per shard, written by its read task
     # The training split only: the held-out images are what the evaluate stage compares samples with.
