@@ -25,7 +25,7 @@ demo: install
 	$(PY) jobs/train_ldm.py workdir=$(WORKDIR)
 
 test: install $(EMOJI_TGZ)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=40
 
 # The lane to run while changing code: everything but the tests marked slow (CI runs `make test`).
 test-fast: install $(EMOJI_TGZ)
