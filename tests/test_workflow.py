@@ -122,7 +122,7 @@ def test_mlflow_has_a_parent_run_a_child_per_stage_and_the_registered_model(demo
 def test_the_workflow_run_carries_its_stages_headline_figures_in_a_model_training_experiment(demo_run):
     """Two workflow runs compare at the top level of the MLflow UI: their stages' figures are
     columns of the workflow run, and the experiment opens in the model-training view."""
-    _, _, summary = demo_run
+    cfg, _, summary = demo_run
     client = MlflowClient(summary["tracking_uri"])
     parent = client.get_run(summary["mlflow_run_id"]).data.metrics
     stages = summary["stages"]
@@ -132,7 +132,7 @@ def test_the_workflow_run_carries_its_stages_headline_figures_in_a_model_trainin
                          ("ldm", "final_loss"), ("ldm", "train_img_per_s"), ("samples", "adherence_g3"),
                          ("samples", "adherence_g1"), ("samples", "grid_adherence_g3"), ("promote", "promoted"),
                          *[("evaluate", f"{kind}_{fd_encoder(summary)}_g{s}") for kind in ("fd", "clip_score")
-                           for s in (1, 2, 3, 5)]]:
+                           for s in (f"{scale:g}" for scale in cfg.evaluate.guidance_scales)]]:
         assert parent[f"{name}.{metric}"] == pytest.approx(stages[name]["metrics"][metric]), (name, metric)
     experiment = client.get_experiment(summary["mlflow_experiment_id"])
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -198,10 +198,22 @@ def test_pretrained_clip_file_and_registered_vq_are_loaded_not_trained(demo_run,
     assert 0.0 <= metrics["retrieval_top1"] <= 1.0
     loaded = TextEncoder.load(tmp_path / "clip").clip.state_dict()
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
-    run_vq(pretrained, shards, tmp_path / "vq", None)
+    vq_metrics = run_vq(pretrained, shards, tmp_path / "vq", None)
     registered, _ = VQModel.load(summary["stages"]["vq"]["output"])
     loaded_vq, _ = VQModel.load(tmp_path / "vq")
     assert all(torch.equal(a, b) for a, b in zip(registered.state_dict().values(), loaded_vq.state_dict().values()))
+    # Nothing trained, nothing counted by the vq stage: where the UNet's choice needs the training
+    # set's size (ldm.preset=auto on a GPU), the workflow counts it itself; on CPUs it needs none.
+    assert "train_samples" not in vq_metrics
+    from pipeline.stages.cache import StageResult
+    from pipeline.workflow import Workflow
+
+    loaded = StageResult("vq", "k", tmp_path / "vq", "ran", 0.0, vq_metrics)
+    on_gpu = Workflow(dataclasses.replace(pretrained, ldm=dataclasses.replace(pretrained.ldm, use_gpu=True)))
+    on_gpu.shards = shards
+    trained = summary["stages"]["encode"]["metrics"]["samples"]  # the training split, as encode counted it
+    assert on_gpu.unet_inputs(loaded) == (trained, cfg.data.image_size // 4)
+    assert Workflow(pretrained).unet_inputs(loaded) == (0, cfg.data.image_size // 4)
     with pytest.raises(FileNotFoundError, match="clip.pretrained"):
         bad = load_config(None, [f"workdir={cfg.workdir}", "clip.pretrained=laion2b_s34b_b79k"])
         run_clip(bad, shards, tmp_path / "clip-bad", None)
