@@ -1,4 +1,9 @@
-"""The training budget the data asks for, where the config leaves it to the data.
+"""What the config leaves to the data: the ldm's training budget, the first stage's capacity
+(`vq.preset=auto`: `vq_preset`, chosen when the vq stage has read its training set) and the UNet
+(`ldm.preset=auto`: `unet_preset`, chosen after the vq stage). Each choice comes with its reason,
+printed and tagged on the MLflow runs (`recipe.ldm`, `recipe.vq`, `recipe.unet`).
+
+The budget:
 
 `ldm.max_steps` set (> 0) is taken as it is. Otherwise the budget is `ldm.epochs` passes over the
 encoded training set, and `ldm.epochs: 0` (the default) lets the caption vocabulary decide: a data set
