@@ -107,9 +107,8 @@ def with_vq_preset(cfg, samples: int, distinct_captions: int):
         why = f"vq.preset=auto: {why}"
     else:
         name, why = vq.preset, f"vq.preset={vq.preset} is set"
-    unset = vq.unset()
     resolved = vq.with_preset(name)
-    kept = [key for key in VQ_PRESET_KEYS if key not in unset]
+    kept = [key for key in VQ_PRESET_KEYS if getattr(vq, key) is not None]
     if kept:
         why += f" ({', '.join(f'vq.{key}={getattr(vq, key)}' for key in kept)} as set)"
     values = ", ".join(f"{key}={getattr(resolved, key)}" for key in VQ_PRESET_KEYS)

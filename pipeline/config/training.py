@@ -156,14 +156,12 @@ class VQConfig(VQLoss, VQArchitecture, FirstStageTraining):
                               "the discriminator would never start")
         self.check_training("vq", eval_batch_size=self.eval_batch_size)
 
-    def unset(self) -> list[str]:
-        """The fields left to the preset (null)."""
-        return [name for name in VQ_PRESETS["plain"] if getattr(self, name) is None]
-
-    def with_preset(self, name: str) -> "VQConfig":
-        """This config with `preset` = name and that preset's values in the fields left at null."""
+    def with_preset(self, name: str | None = None) -> "VQConfig":
+        """This config with `preset` = name and that preset's values in the fields left at null; no
+        name: its own preset, "detailed" for "auto" (where no data has been seen)."""
         import dataclasses
 
+        name = name or ("detailed" if self.preset == "auto" else self.preset)
         values = {key: value for key, value in VQ_PRESETS[name].items() if getattr(self, key) is None}
         return dataclasses.replace(self, preset=name, **{key: list(v) if isinstance(v, list) else v
                                                          for key, v in values.items()})

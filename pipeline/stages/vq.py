@@ -30,8 +30,7 @@ MAX_EVAL_IMAGES = 1000
 def model_config(cfg: PipelineConfig) -> VQModelConfig:
     """The VQ model of the config; with `vq.preset=auto` and no data seen, the "detailed" one (the
     vq stage chooses from its training set, `with_vq_preset`)."""
-    vq = cfg.vq.with_preset("detailed") if cfg.vq.preset == "auto" else cfg.vq.with_preset(cfg.vq.preset)
-    return VQModelConfig.of(vq)
+    return VQModelConfig.of(cfg.vq.with_preset())
 
 
 def caption_counts(train_ds) -> tuple[int, int]:
