@@ -20,16 +20,12 @@ No Ray or MLflow here: the stage (pipeline/stages/evaluate.py) runs these in Ray
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from pipeline.config.encoder import EncoderSpec
 from pipeline.models.text import TextEncoder, clip_image_preprocess, resize_for_clip
-from pipeline.stages.cache import file_digest
 
 INCEPTION_SIZE = 299
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,59 +57,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def fd_of(generated: np.ndarray, real: np.ndarray) -> float:
     return frechet_distance(*feature_stats(generated), *feature_stats(real))
-
-
-def _clean(name: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """What `evaluate.encoder` names, parsed; `own_clip_dir` is the run's text encoder directory."""
-
-    kind: str  # "clip" (the run's own), "open_clip" or "inception"
-    own_clip_dir: str
-    model: str = ""
-    file: str = ""
-
-    @classmethod
-    def parse(cls, text: str, own_clip_dir: str | Path) -> "EncoderSpec":
-        own = str(own_clip_dir)
-        if not text:
-            return cls("clip", own)
-        kind, _, rest = text.partition(":")
-        if kind == "open_clip" and ":" in rest:
-            model, file = rest.split(":", 1)
-            spec = cls("open_clip", own, model=model, file=file)
-        elif kind == "inception" and rest:
-            spec = cls("inception", own, file=rest)
-        else:
-            raise ValueError(f"evaluate.encoder={text!r}: expected '' (the run's own CLIP), "
-                             f"'open_clip:<model>:<checkpoint file>' or 'inception:<state dict file>'")
-        if not Path(spec.file).is_file():
-            raise FileNotFoundError(f"evaluate.encoder={text!r}: no such file {spec.file}")
-        return spec
-
-    def own_clip_name(self) -> str:
-        return f"clip-{file_digest(Path(self.own_clip_dir) / 'model.safetensors')[:6]}"
-
-    @property
-    def fd_name(self) -> str:
-        """The FD encoder's name, as the metrics spell it."""
-        if self.kind == "clip":
-            return self.own_clip_name()
-        return "inception" if self.kind == "inception" else _clean(self.model)
-
-    @property
-    def score_name(self) -> str:
-        """The CLIP score's encoder: the given CLIP, or the run's own when the FD encoder has no text tower."""
-        return self.fd_name if self.kind == "open_clip" else self.own_clip_name()
-
-    @property
-    def identity(self) -> str:
-        """What the real images' cached features depend on: the encoder's bytes."""
-        files = [Path(self.own_clip_dir) / "model.safetensors"] + ([Path(self.file)] if self.file else [])
-        return f"{self.kind}:{self.model}:" + ":".join(file_digest(f) for f in files)
 
 
 class Encoders:

@@ -250,7 +250,7 @@ class Workflow:
 
     def encoder_spec(self):
         """The evaluation's encoder (`evaluate.encoder`), the run's own CLIP being the clip stage's."""
-        from pipeline.evaluation import EncoderSpec
+        from pipeline.config.encoder import EncoderSpec
 
         return EncoderSpec.parse(self.cfg.evaluate.encoder, self.output("clip"))
 

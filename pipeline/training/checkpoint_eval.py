@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import ray
 
-from pipeline.evaluation import EncoderSpec
+from pipeline.config.encoder import EncoderSpec
 
 
 @dataclass
