@@ -36,6 +36,9 @@ DEFAULT_DIR = Path("/tmp/ldm-local-services")
 STATE_FILE = "services.json"
 BUCKET = "ldm"
 REGION = "us-east-1"
+# MLflow's basic-auth credential cache (seconds a checked password is trusted): without it every
+# request pays a PBKDF2 check, a third of a core for the server while a job logs its steps.
+AUTH_CACHE_TTL_S = 60
 # moto answers this many requests without checking credentials: the stack's own set-up (an IAM
 # user, its policy and access key), after which every request must be signed with that key.
 SETUP_REQUESTS = 4
@@ -189,10 +192,13 @@ class LocalServices:
         auth.write_text("[mlflow]\ndefault_permission = READ\n"
                         f"database_uri = {self.backend_uri('mlflow_auth')}\n"
                         "admin_username = admin\n"
-                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                        f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}\n")
         log = self._log("mlflow")
+        # No job runner: its seven consumer processes serve MLflow's GenAI jobs, which nothing here uses.
         env = {**os.environ, **self.client_env(), "MLFLOW_AUTH_CONFIG_PATH": str(auth),
-               "MLFLOW_AUTH_ADMIN_PASSWORD": self.mlflow_password, "MLFLOW_FLASK_SERVER_SECRET_KEY": self.flask_secret}
+               "MLFLOW_AUTH_ADMIN_PASSWORD": self.mlflow_password, "MLFLOW_FLASK_SERVER_SECRET_KEY": self.flask_secret,
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         env.pop("MLFLOW_TRACKING_URI")
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
