@@ -49,7 +49,13 @@ def setup_experiment(tracking_uri: str, experiment_name: str, workdir: str | Pat
         experiment_id = experiment.experiment_id
     if EXPERIMENT_KIND_TAG not in (experiment.tags if experiment else {}):
         # The MLflow UI opens an experiment of no kind in its GenAI mode (traces, no metric charts).
-        MlflowClient(tracking_uri).set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        try:
+            MlflowClient(tracking_uri).set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        except mlflow.exceptions.MlflowException:
+            # Two jobs started at once on a new experiment both tag it, and a server on PostgreSQL
+            # refuses the second insert (a unique key): the tag the other job set is as good.
+            if EXPERIMENT_KIND_TAG not in mlflow.get_experiment(experiment_id).tags:
+                raise
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
