@@ -24,9 +24,8 @@ benchmark-data: $(EMOJI_TGZ)
 demo: install
 	$(PY) jobs/train_ldm.py workdir=$(WORKDIR)
 
-# Two processes, whole modules each (the longest first: tests/conftest.py); -n 0 runs one.
 test: install $(EMOJI_TGZ)
-	$(PY) -m pytest -q --durations=40 -n 2 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q --durations=40
 
 # The lane to run while changing code: everything but the tests marked slow (CI runs `make test`).
 test-fast: install $(EMOJI_TGZ)

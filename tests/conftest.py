@@ -1,27 +1,13 @@
-"""Shared fixtures: one local Ray instance per test process (2 CPUs, as on the demo machine).
+"""Shared fixtures: one local Ray instance for the whole session (2 CPUs, as on the demo machine).
 
-A process does not start a second one: Ray Train's internals find "the" cluster of the process, and
-a shutdown and restart in between confuses them. `make test` runs two processes (pytest-xdist),
-each with its own instance.
+Ray Train's internals find "the" local cluster by address, so two Ray instances on one machine
+confuse them: every test that needs Ray shares this one.
 """
 
 import logging
 
 import pytest
 import ray
-
-# `make test` runs whole modules in two processes (pytest-xdist, --dist loadfile), handed out in
-# collection order: the longest go first, so that neither process is left with one at the end.
-LONGEST_FIRST = ("test_cluster.py", "test_sweep.py", "test_workflow.py", "training/test_training.py",
-                 "test_user_shards.py")
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item) -> int:
-        path = item.path.as_posix()
-        return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith("/" + name)), len(LONGEST_FIRST))
-
-    items.sort(key=rank)  # stable: the order within each module, and of the rest, is kept
 
 
 @pytest.fixture(scope="session")
