@@ -274,8 +274,8 @@ def test_a_replaced_shard_a_lost_worker_node_and_a_tracking_outage(cluster, serv
                if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"]
     cluster.kill_node(sorted(workers)[0])
     try:
-        # The new group has read the run's metrics back (to log no step twice) and trains on.
-        wait_for_log(cluster, submission_id, "[ldm] resumed from step")
+        # A step after the resume: the new group has read the run's metrics back (to log no step
+        # twice) and trains on.
         wait_for_log(cluster, submission_id, f"/{steps} |", after="[ldm] resumed from step")
         services.stop_mlflow()
         try:
