@@ -4,6 +4,7 @@ Ray Train's internals find "the" local cluster by address, so two Ray instances 
 confuse them: every test that needs Ray shares this one.
 """
 
+import json
 import logging
 
 import pytest
@@ -16,6 +17,21 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_run(ray_session, tmp_path_factory):
+    """The whole workflow on test_workflow's tiny config, run once for the session: (cfg, the path of
+    summary.json, the summary). test_workflow checks it; test_sweep sweeps on its workdir (its own
+    experiment and model name), where the stages every trial shares are found in the cache."""
+    from test_workflow import tiny_config
+
+    from pipeline.sample_client import free_port  # the function: the fixture of that name is per test
+    from pipeline.workflow import run_workflow
+
+    cfg = tiny_config(tmp_path_factory.mktemp("workflow") / "work", free_port())
+    summary_path = run_workflow(cfg)
+    return cfg, summary_path, json.loads(summary_path.read_text())
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
 """A small sweep through Ray Tune as `jobs/sweep.py` runs it: two trials over ldm.lr on the tiny
-workflow, the shared stages run once, each trial an MLflow run under the sweep's, the best sampled
+workflow's workdir, the shared stages found in its cache, each trial an MLflow run under the sweep's, the best sampled
 and promoted; and the config errors a sweep gives before any stage runs."""
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -18,11 +19,14 @@ LRS = [1e-3, 4e-3]
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_session, tmp_path_factory):
+def sweep(demo_run):
+    """On the tiny workflow's workdir (conftest's `demo_run`), under an experiment and a model name
+    of its own: the shared stages are the workflow's, found in the cache."""
     from pipeline.sample_client import free_port
 
-    overrides = tiny_overrides(tmp_path_factory.mktemp("sweep") / "work", free_port()) + [
-        "data.demo_num_samples=128", "evaluate.num_images=16", "evaluate.guidance_scales=[1,3]",
+    overrides = tiny_overrides(Path(demo_run[0].workdir), free_port()) + [
+        "mlflow.experiment_name=sweep", "mlflow.registered_model_name=sweep-ldm",
+        "evaluate.num_images=16", "evaluate.guidance_scales=[1,3]",
         f"sweep.space.ldm.lr=[{LRS[0]},{LRS[1]}]", "sweep.num_samples=1"]
     path = run_sweep(None, overrides)
     return load_config(None, overrides), json.loads(path.read_text())

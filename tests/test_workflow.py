@@ -1,6 +1,7 @@
 """The whole workflow on a tiny config through the real components (Ray Data, Ray Train + DeepSpeed,
-MLflow, Ray Serve), run once for the module; then the cached re-run, jobs/sample.py and the app's
-answers to bad requests."""
+MLflow, Ray Serve), run once for the session (conftest's `demo_run`, whose shared stages
+test_sweep's trials reuse); then the cached re-run, jobs/sample.py and the app's answers to bad
+requests."""
 
 import dataclasses
 import json
@@ -39,15 +40,6 @@ def tiny_overrides(workdir: Path, port: int) -> list[str]:
 
 def tiny_config(workdir: Path, port: int, *more: str):
     return load_config(None, tiny_overrides(workdir, port) + list(more))
-
-
-@pytest.fixture(scope="module")
-def demo_run(ray_session, tmp_path_factory):
-    from pipeline.sample_client import free_port  # the function: the fixture of that name is per test
-
-    cfg = tiny_config(tmp_path_factory.mktemp("workflow") / "work", free_port())
-    summary_path = run_workflow(cfg)
-    return cfg, summary_path, json.loads(summary_path.read_text())
 
 
 def test_summary_names_every_stage_with_status_time_and_metrics(demo_run):
