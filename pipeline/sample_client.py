@@ -21,6 +21,8 @@ from pipeline.data.images import grid_columns
 
 SERVE_APP_NAME = "ldm"
 HTTP_TIMEOUT_S = 600
+DEPLOY_SETTLE_S = 30.0
+"""How long a deployed app may take to be reported RUNNING once it answers its health check."""
 
 
 @dataclass
@@ -91,6 +93,9 @@ def ensure_app(model_uri: str, tracking_uri: str | None, serve_cfg: ServeConfig,
         raise TimeoutError(f"{error} (serve.start_timeout_s={serve_cfg.start_timeout_s:g}): {_app_status()}; the "
                            f"sampler asks for serve.num_cpus={serve_cfg.num_cpus:g}, serve.num_gpus="
                            f"{serve_cfg.num_gpus:g} and loads {model_uri}") from None
+    # serve.run returns once Serve reports the app RUNNING, a moment after it answers: a shutdown
+    # before that would kill the controller it polls (an error in that thread, nothing lost).
+    deploying.join(timeout=DEPLOY_SETTLE_S)
     return True
 
 
