@@ -94,9 +94,10 @@ def test_the_data_chooses_the_first_stage_and_says_why(size, samples, distinct, 
 def test_a_first_stage_set_by_hand_is_kept_and_named():
     cfg, why = with_vq_preset(load_config(None, ["vq.preset=plain"]), 3499, 3499)
     assert cfg.vq.num_quantizers == 1 and "vq.preset=plain is set" in why
-    cfg, why = with_vq_preset(load_config(None, ["vq.num_quantizers=2", "vq.lr=1e-3"]), 4000, 60)
-    assert (cfg.vq.preset, cfg.vq.num_quantizers, cfg.vq.lr, cfg.vq.channel_mult) == ("plain", 2, 1e-3, [])
-    assert "vq.num_quantizers=2, vq.lr=0.001 as set" in why
+    cfg, why = with_vq_preset(load_config(None, ["vq.num_quantizers=2", "vq.lr=1e-3", "vq.max_steps=300"]), 4000, 60)
+    assert (cfg.vq.preset, cfg.vq.num_quantizers, cfg.vq.lr, cfg.vq.channel_mult, cfg.vq.max_steps) == (
+        "plain", 2, 1e-3, [], 300)
+    assert "vq.num_quantizers=2, vq.lr=0.001, vq.max_steps=300 as set" in why
 
 
 def test_an_unknown_preset_is_named_before_any_work():  # (a bad field: tests/models/test_vq.py)

@@ -60,7 +60,7 @@ def derives(stage, path: str) -> bool:
 CFG = load_config(None, [])
 FIELDS = dict(leaf_fields(CFG))
 # Fields left at null (their preset's value) by default, and a value to set them to.
-SET_FROM_NULL = {"vq.channel_mult": [1, 2], "vq.num_quantizers": 2, "vq.lr": 1e-3}
+SET_FROM_NULL = {"vq.channel_mult": [1, 2], "vq.num_quantizers": 2, "vq.lr": 1e-3, "vq.max_steps": 1200}
 
 
 def other_value(path: str):
