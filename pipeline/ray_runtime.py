@@ -47,7 +47,10 @@ def init_ray(address: str = "") -> None:
     address = address or os.environ.get("RAY_ADDRESS", "")
     # Workers import `pipeline` from the installed package; keep their thread pools modest so
     # several workers and Ray Data tasks share a small machine without oversubscription.
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
+    # Ray Train (2.60) sends a worker's print to its logger and, since Ray's workers wrap stdout, to
+    # stdout as well: every progress line reached the driver twice. Off, a print is printed once.
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
+                        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
