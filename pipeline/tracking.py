@@ -240,27 +240,31 @@ def server_answers(tracking_uri: str, timeout_s: float = 5.0) -> bool:
         return False
 
 
-def replay_when_back(tracking_uri: str, path: str | Path, run_id: str, attempts: int = 6, wait_s: float = 5.0) -> int:
+def replay_when_back(tracking_uri: str, path: str | Path, run_id: str, wait_s: float = 30.0, poll_s: float = 5.0) -> int:
     """After a fit: send what rank 0 kept in `path` for `run_id` (it ended while the tracking server
-    was away), waiting up to about attempts x wait_s for the server; returns how many were sent.
-    Still unreachable: they stay in the file, and the message says how to send them later."""
+    was away), asking every `poll_s` for up to `wait_s` (`mlflow.outage_wait_s`) whether the server
+    answers again; returns how many were sent. Still unreachable: they stay in the file, and the
+    message says how to send them later."""
     if not Path(path).is_file():
         return 0
-    for attempt in range(attempts):
-        if attempt:
-            time.sleep(wait_s)
-        if not server_answers(tracking_uri, timeout_s=wait_s):
-            continue
-        try:
-            sent = replay_metrics(tracking_uri, path, run_id=run_id)
-        except Exception as error:  # noqa: BLE001 - it went away again between the probe and the send
-            print(f"[mlflow] sending the kept metrics failed ({type(error).__name__}); retrying", flush=True)
-            continue
-        if sent:
-            print(f"[mlflow] sent the {sent} metrics kept during the tracking outage", flush=True)
-        return sent
-    print(f"[mlflow] the tracking server {tracking_uri} is still unreachable after {attempts} tries: the kept "
-          f"metrics stay in {path}; send them with pipeline.tracking.replay_metrics", flush=True)
+    deadline = time.monotonic() + wait_s
+    while True:
+        if server_answers(tracking_uri, timeout_s=poll_s):
+            try:
+                sent = replay_metrics(tracking_uri, path, run_id=run_id)
+            except Exception as error:  # noqa: BLE001 - it went away again between the probe and the send
+                print(f"[mlflow] sending the kept metrics failed ({type(error).__name__}); retrying", flush=True)
+            else:
+                if sent:
+                    print(f"[mlflow] sent the {sent} metrics kept during the tracking outage", flush=True)
+                return sent
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(poll_s, left))
+    print(f"[mlflow] the tracking server {tracking_uri} still does not answer after {wait_s:g} s "
+          f"(mlflow.outage_wait_s): the kept metrics stay in {path}; send them with "
+          f"pipeline.tracking.replay_metrics", flush=True)
     return 0
 
 

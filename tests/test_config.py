@@ -51,6 +51,7 @@ def test_defaults_are_the_demo_and_overrides_apply():
     ("evaluate.guidance_scales=[]", "evaluate.guidance_scales"),
     ("evaluate.num_images=0", "evaluate.num_images"),
     ("promote.alias=candidate", "promote.alias and mlflow.alias are both 'candidate'"),
+    ("mlflow.outage_wait_s=-1", "mlflow.outage_wait_s"),
 ])
 def test_bad_overrides_name_the_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):

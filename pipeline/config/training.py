@@ -64,6 +64,14 @@ class MLflowConfig:
     """Name the final pipeline model is registered under."""
     alias: str = "candidate"
     """Registry alias set on the newly registered version (`models:/name@alias`)."""
+    outage_wait_s: float = 30.0
+    """When the ldm's training ends while an HTTP tracking server is away, how long the stage waits
+    for it to answer again to send the metrics kept meanwhile; after that they stay in
+    `<ldm storage>/<run name>/unlogged_metrics.jsonl` (send them with pipeline.tracking.replay_metrics)."""
+
+    def __post_init__(self):
+        if not self.outage_wait_s >= 0:
+            raise ConfigError(f"mlflow.outage_wait_s must be >= 0 seconds, got {self.outage_wait_s}")
 
 
 @dataclass

@@ -150,7 +150,7 @@ def run_ldm(cfg: PipelineConfig, latents_dir: Path, out_dir: Path, run_id: str |
     seconds = time.perf_counter() - start
     during = finish_evaluations(evaluator, evaluation)
     if run_id:  # rank 0 kept metrics it could not send (the tracking server away at the end)
-        replay_when_back(cfg.tracking_uri, unlogged, run_id)
+        replay_when_back(cfg.tracking_uri, unlogged, run_id, wait_s=cfg.mlflow.outage_wait_s)
     starts = ray.get(loop.progress.snapshot.remote())["starts"]
     if result.checkpoint is None:
         raise RuntimeError(f"ldm training at {result.path} reported no checkpoint")
