@@ -117,8 +117,10 @@ def check_cpus_left_for_streaming(ray_address: str, num_workers: int, cpus_per_w
             f"default), which reads the latents before training.")
 
 
-# How often the Ray Train controller polls its workers (seconds). A tiny 8-step, 2-worker ldm fit
-# with checkpoints every 3 steps took 34-39 s at Ray's default 2 s and 28-30 s at 0.5 (2026-12-07).
+# How often the Ray Train controller polls its workers (seconds; RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
+# Ray's default 2 s). A worker's `ray.train.report` waits until the controller has taken the one
+# before it, and the poll also paces the fit's start and its noticing the end: a tiny 8-step,
+# 2-worker ldm fit with checkpoints every 3 steps took 34-39 s at 2 s and 28-31 s at 0.5 (2026-12-07).
 CONTROLLER_POLL_S = 0.5
 
 
@@ -144,9 +146,6 @@ def fit(
     `pipeline.training.progress.StallWatchdog` that stops a fit whose steps stop completing, which
     then raises its `TrainingStalled` error.
     """
-    # A worker's `ray.train.report` waits until the controller has taken the one before it, and the
-    # controller looks every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s), which also
-    # paces its start and its noticing the end: a short fit spent a quarter of its time waiting.
     # Ray Train hands the driver's setting to the controller; a user's own setting is kept.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_S))
     storage_path = str(storage_path)

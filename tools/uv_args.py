@@ -30,7 +30,9 @@ def uv_args(listed: str) -> list[str]:
         name = key.rsplit(".", 1)[-1]
         certificates |= name == "cert"
         option = OPTIONS.get(name)
-        for item in (" ".join(shlex.split(value)).split() if option else []):
+        if option is None:
+            continue
+        for item in " ".join(shlex.split(value)).split():  # pip prints the value quoted
             if (option, item) not in seen:
                 seen.add((option, item))
                 args += [option, item]
