@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 from safetensors.torch import load_file, save_file
 
@@ -49,6 +52,42 @@ def load_checkpoint(engine, ema: EMA, directory: str, universal_dir: str | None 
     engine.load_checkpoint(universal_dir or directory, tag=DEEPSPEED_TAG)
     if ema.shadow:  # rank 0, or under ZeRO-3 every rank (its partitions)
         ema.load_full(load_file(os.path.join(directory, EMA_FILE)))
+
+
+@contextlib.contextmanager
+def made_once_per_node(kind: str, key: str, node_rank: int, local_rank: int, make: Callable[[str], object],
+                       barrier: Callable[[], object]) -> Iterator[str]:
+    """A directory of this node's temporary space, made by `make(path)` on the node's local rank 0
+    while the node's other ranks wait at `barrier` (every rank calls it); removed once every rank is
+    done with it. `kind` and `key` name it (with the node's rank: nodes may share a file system)."""
+    out = Path(tempfile.gettempdir()) / f"ldm-{kind}" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}-node{node_rank}"
+    if local_rank == 0:
+        shutil.rmtree(out, ignore_errors=True)  # a copy a crashed attempt left
+        make(str(out))
+    barrier()
+    try:
+        yield str(out)
+    finally:
+        barrier()
+        if local_rank == 0:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def checkpoint_directory(checkpoint, node_rank: int, local_rank: int, barrier: Callable[[], object]) -> Iterator[str]:
+    """A Ray Train checkpoint as a local directory for every rank: its own path on a local file
+    system, else downloaded once per node (`made_once_per_node`). Not Ray's `Checkpoint.as_directory`:
+    there a rank that comes to the node's copy after another has downloaded it downloads it again,
+    in place, over files that rank may be reading (a resume on a node of several workers then
+    fails with "PytorchStreamReader failed reading file")."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    with made_once_per_node("checkpoint", checkpoint.path, node_rank, local_rank, checkpoint.to_directory,
+                            barrier) as directory:
+        yield directory
 
 
 def to_universal(directory: str, out: str, workers: int = 1) -> float:

@@ -11,9 +11,6 @@ the driver's progress board each step.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +26,8 @@ from pipeline.diffusion import NoiseSchedule, ScheduleConfig, training_loss
 from pipeline.models.unet import UNet, UNetConfig
 from pipeline.ray_runtime import ProgressLine
 from pipeline.tracking import MetricLogger
-from pipeline.training.checkpoint import checkpoint_progress, export_unet, load_checkpoint, save_checkpoint, to_universal
+from pipeline.training.checkpoint import (checkpoint_directory, checkpoint_progress, export_unet, load_checkpoint,
+                                         made_once_per_node, save_checkpoint, to_universal)
 from pipeline.training.checkpoint_eval import evaluated_at
 from pipeline.training.ema import EMA
 from pipeline.training.faults import FaultInjection
@@ -255,7 +253,8 @@ class Trainer:
         if not self.checkpoint:
             return False
         progress = self.resumed
-        with self.checkpoint.as_directory() as directory:
+        with checkpoint_directory(self.checkpoint, self.node_rank, self.local_rank,
+                                  torch.distributed.barrier) as directory:
             if self.universal:
                 with self.universal_checkpoint(directory, progress["step"]) as universal:
                     load_checkpoint(self.engine, self.ema, directory, universal)
@@ -265,23 +264,16 @@ class Trainer:
                                 world_sizes=progress.get("world_sizes", [self.written_by]))
         return True
 
-    @contextlib.contextmanager
     def universal_checkpoint(self, directory: str, step: int):
         """The checkpoint in `directory` as a universal one, converted once per node (by its local
-        rank 0, into this node's temporary directory) while the node's other ranks wait."""
-        out = Path(tempfile.gettempdir()) / "ldm-universal" / (
-            f"{hashlib.sha1(self.checkpoint.path.encode()).hexdigest()[:16]}-node{self.node_rank}")
-        if self.local_rank == 0:
-            seconds = to_universal(directory, str(out), workers=min(4, self.loop.threads))
+        rank 0) while the node's other ranks wait."""
+        def convert(out: str) -> None:
+            seconds = to_universal(directory, out, workers=min(4, self.loop.threads))
             print(f"[ldm] the step-{step} checkpoint of {self.written_by} worker(s) (ZeRO-{self.loop.zero_stage}) "
                   f"converted to a universal one for {self.world} in {seconds:.1f} s", flush=True)
-        torch.distributed.barrier()
-        try:
-            yield str(out)
-        finally:
-            torch.distributed.barrier()
-            if self.local_rank == 0:
-                shutil.rmtree(out, ignore_errors=True)
+
+        return made_once_per_node("universal", self.checkpoint.path, self.node_rank, self.local_rank, convert,
+                                  torch.distributed.barrier)
 
     def report_metrics_and_save_checkpoint(self, metrics: dict, logger: MetricLogger | None, final: bool) -> None:
         """Checkpoint every rank's state and report it to Ray Train (with the step's metrics). The
