@@ -5,6 +5,7 @@ workers) on a tiny latent dataset written by Ray Data, metrics in a real MLflow 
 - a run resumes at another world size with the same losses, ZeRO-2/3 too (through DeepSpeed's
   universal checkpoint);
 - ZeRO-3 resumes too, and its EMA (gathered across ranks) matches the ZeRO-0 run's;
+- bf16 under ZeRO-2 trains as fp32 does (to bf16's rounding) and exports fp32 weights;
 - ZeRO-2 resumes, and a non-finite loss skips its step and is counted;
 - too many non-finite losses in a row stop the run with a clear error;
 - a tracking server that goes away does not stop training; its metrics are kept and sent when it is back.
@@ -165,6 +166,21 @@ def test_zero3_resumes_and_its_ema_matches_zero0(uninterrupted, latents_dir, tmp
     logged = dict(losses(f"sqlite:///{tmp_path.resolve()}/mlflow.db", run_id))
     for step in range(1, STEPS + 1):
         assert logged[step] == pytest.approx(uninterrupted["losses"][step], rel=1e-3), step
+
+
+def test_bf16_under_zero2_trains_as_fp32_does_and_exports_fp32_weights(uninterrupted, latents_dir, tmp_path):
+    """bf16, what GPU runs use: DeepSpeed's bf16 wrapper steps the (fused) AdamW on fp32 master
+    weights, so each step's loss follows the fp32 run's to bf16's rounding; the served UNet is fp32."""
+    result, run_id, out = train(tmp_path, latents_dir, "ldm-bf16", "ldm.precision=bf16", "ldm.zero_stage=2")
+    logged = dict(losses(f"sqlite:///{tmp_path.resolve()}/mlflow.db", run_id))
+    assert sorted(logged) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert logged[step] == pytest.approx(uninterrupted["losses"][step], rel=2e-2), step
+    assert logged[STEPS] < logged[1]
+    unet = load_file(str(out / "unet.safetensors"))
+    assert {v.dtype for v in unet.values()} == {torch.float32}
+    for name, value in unet.items():
+        torch.testing.assert_close(value, uninterrupted["unet"][name], rtol=0.05, atol=2e-3, msg=name)
 
 
 def test_zero2_skips_and_counts_a_nonfinite_loss_and_resumes(latents_dir, tmp_path, monkeypatch):
