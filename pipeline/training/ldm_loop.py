@@ -31,7 +31,7 @@ from pipeline.training.checkpoint import (checkpoint_directory, checkpoint_progr
 from pipeline.training.checkpoint_eval import evaluated_at
 from pipeline.training.ema import EMA
 from pipeline.training.faults import FaultInjection
-from pipeline.training.first_stage import warmup_cosine
+from pipeline.training.first_stage import adamw, warmup_cosine
 from pipeline.training.grids import GridConfig, SampleGrids
 from pipeline.training.health import grad_norm, sum_over_ranks, weights_finite
 from pipeline.training.latents import SampleRandomness, StreamBatches, TableBatches, positions
@@ -143,15 +143,6 @@ def setup_model_and_optimizer(loop: LDMLoopConfig, world_size: int, load_univers
     if world_size == 1 and loop.zero_stage == 0:
         engine.enable_backward_allreduce = False  # one worker: its gradients are already the mean
     return engine, scheduler
-
-
-def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """torch's AdamW as one fused kernel over all parameters (CPU and CUDA; torch's default is a
-    loop of per-tensor kernels on the CPU). On the tiny UNet (1M parameters, batch 32 of 4x8x8
-    latents, one thread; the two interleaved in one process) clipping and the optimizer step take
-    5.6 ms against 11.2 with `foreach=True`: the training step 1.07x as fast. DeepSpeed runs it
-    under every ZeRO stage and precision (its bf16/fp16 wrappers step it on fp32 master weights)."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, schedule: str, max_steps: int):
