@@ -13,12 +13,14 @@ import ray
 
 @pytest.fixture(scope="session")
 def ray_session():
+    raylet = None
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     yield
     ray.shutdown()
-    _kill_workers_left_by(raylet)
+    if raylet:  # the instance this fixture started
+        _kill_workers_left_by(raylet)
 
 
 def _kill_workers_left_by(raylet: int) -> None:

@@ -38,8 +38,8 @@ def bare_loop(cfg, latents_dir: Path, steps: int) -> dict:
     from pipeline.diffusion import NoiseSchedule, training_loss
     from pipeline.models.unet import UNet, unet_config
     from pipeline.stages.encode import load_null_condition
-    from pipeline.training.latents import GlobalOrder, LatentTable, SampleRandomness, positions
     from pipeline.training.first_stage import adamw
+    from pipeline.training.latents import GlobalOrder, LatentTable, SampleRandomness, positions
     from pipeline.training.ldm_loop import lr_scheduler
 
     ldm = cfg.ldm
