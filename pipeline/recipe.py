@@ -3,7 +3,7 @@
 (`ldm.preset=auto`: `unet_preset`, chosen after the vq stage). Each choice comes with its reason,
 printed and tagged on the MLflow runs (`recipe.ldm`, `recipe.vq`, `recipe.unet`).
 
-The budget:
+The budget (and, when it is short, the first stage: `short_ldm_budget`):
 
 `ldm.max_steps` set (> 0) is taken as it is. Otherwise the budget is `ldm.epochs` passes over the
 encoded training set, and `ldm.epochs: 0` (the default) lets the caption vocabulary decide: a data set
@@ -82,18 +82,39 @@ PLAIN_MAX_IMAGE_SIZE = 32
 more on real images (28.6 against 25.2 dB)."""
 
 
-def vq_preset(image_size: int, samples: int, distinct_captions: int) -> tuple[str, str]:
+SHORT_LDM_EPOCHS = 36.0
+"""An ldm budget set below this many epochs is short: the first stage's time is better spent on ldm
+steps. Measured on the quality benchmark's emoji at 32 px, one hour: with `ldm.epochs=24` the plain
+first stage names the emoji at guidance 3 as often as the detailed one (0.050 against 0.053 of 300;
+the judge 0.99 and 1.0 through them) in 90 s of vq against 227; at 36 epochs and more the
+detailed one was measured (0.12, 0.31 at 72)."""
+
+
+def short_ldm_budget(cfg) -> bool:
+    """Whether `vq.preset=auto` is to weigh a short ldm budget: `ldm.epochs` set below
+    SHORT_LDM_EPOCHS (`ldm.max_steps` unset) for images up to PLAIN_MAX_IMAGE_SIZE. The vq stage's
+    key carries it, so a budget that changes the first stage's choice trains it again, and one
+    that does not finds it cached."""
+    return (cfg.vq.preset == "auto" and cfg.data.image_size <= PLAIN_MAX_IMAGE_SIZE
+            and 0 < cfg.ldm.epochs < SHORT_LDM_EPOCHS and not cfg.ldm.max_steps)
+
+
+def vq_preset(image_size: int, samples: int, distinct_captions: int, ldm_epochs: float = 0.0) -> tuple[str, str]:
     """(the first stage's preset, why) for a training set: "plain" (one codebook, one width) for small
     images whose captions repeat, a few kinds of image shown many times (the demo: 60 captions over
-    4,000 images learn to 30.6 dB with it, and "detailed" costs ~25% more of the stage's time);
-    "detailed" (four codebooks, twice the width at the latents) for the rest: real images, each
-    with a caption of its own, lose their detail in the plain one (22.2 against 25.3 dB on the
-    quality benchmark's emoji)."""
+    4,000 images learn to 30.6 dB with it, and "detailed" costs ~25% more of the stage's time), and
+    for small images when the ldm's budget is short (`ldm_epochs` set below SHORT_LDM_EPOCHS: the
+    detailed stage's extra minutes buy more as ldm steps); "detailed" (four codebooks, twice the
+    width at the latents) for the rest: real images, each with a caption of its own, lose their
+    detail in the plain one (22.2 against 25.3 dB on the quality benchmark's emoji)."""
     share = distinct_captions / max(1, samples)
     counts = f"{distinct_captions} distinct captions over {samples} samples ({share:.1%})"
     if share <= REPEATED_SHARE and image_size <= PLAIN_MAX_IMAGE_SIZE:
         return "plain", (f"{counts}: captions repeat (<= {REPEATED_SHARE:.0%}) at {image_size} px, a few kinds "
                          "of image")
+    if 0 < ldm_epochs < SHORT_LDM_EPOCHS and image_size <= PLAIN_MAX_IMAGE_SIZE:
+        return "plain", (f"{counts} at {image_size} px, but ldm.epochs={ldm_epochs:g} is a short budget "
+                         f"(< {SHORT_LDM_EPOCHS:g}): the time goes to ldm steps")
     why = (f"at {image_size} px (> {PLAIN_MAX_IMAGE_SIZE})" if share <= REPEATED_SHARE
            else f"captions mostly their own (> {REPEATED_SHARE:.0%})")
     return "detailed", f"{counts}, {why}: detail to keep"
@@ -103,7 +124,8 @@ def with_vq_preset(cfg, samples: int, distinct_captions: int):
     """(cfg with `vq.preset` resolved and its values in the fields left at null, the reason)."""
     vq = cfg.vq
     if vq.preset == "auto":
-        name, why = vq_preset(cfg.data.image_size, samples, distinct_captions)
+        name, why = vq_preset(cfg.data.image_size, samples, distinct_captions,
+                              cfg.ldm.epochs if short_ldm_budget(cfg) else 0.0)
         why = f"vq.preset=auto: {why}"
     else:
         name, why = vq.preset, f"vq.preset={vq.preset} is set"

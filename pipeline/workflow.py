@@ -25,7 +25,7 @@ from pipeline.config import PipelineConfig, to_yaml
 from pipeline.data.locate import resolve_shards, shard_fingerprints
 from pipeline.data.shards import write_demo_shards
 from pipeline.ray_runtime import init_ray, run_task
-from pipeline.recipe import global_batch, with_ldm_budget, with_unet_preset
+from pipeline.recipe import global_batch, short_ldm_budget, with_ldm_budget, with_unet_preset
 from pipeline.stages.cache import StageResult, content_key, dir_digest, run_stage
 from pipeline.tracking import to_flat_dict
 
@@ -50,7 +50,8 @@ class Stage:
     layout: tuple[str, ...] = ()
     """Fields under `reads` that say how the work is laid out (workers, micro batches, retries), not
     what it computes: they are not in the key, so a run can resume under another layout; what they
-    decide together that does change the result is, as a `derived` value."""
+    decide together that does change the result is, as a `derived` value. Also fields a stage reads
+    only through a derived value (vq: the ldm's budget, only as whether it is short)."""
     derived: tuple[tuple[str, Callable[[PipelineConfig], object]], ...] = ()
     """(name, function of the config) pairs whose values are in the key."""
     headline: tuple[str, ...] = ()
@@ -134,7 +135,11 @@ LDM_LAYOUT = ("ldm.num_workers", "ldm.batch_size", "ldm.grad_accum", "ldm.cpus_p
 STAGES = (
     Stage("shards", ("data.demo_num_samples", "data.image_size", "data.demo_shard_size", "seed"), (), _demo_shards,
           only_if=lambda cfg: not cfg.data.shards),
-    Stage("vq", ("vq", "data", "seed"), ("shards",), _vq, by_content=True, headline=("psnr", "codebook_usage")),
+    # vq.preset=auto picks the plain first stage for a short ldm budget (pipeline.recipe.vq_preset): the
+    # budget is in the key only as that, so another ldm budget finds the first stage cached.
+    Stage("vq", ("vq", "data", "seed", "ldm.epochs", "ldm.max_steps"), ("shards",), _vq, by_content=True,
+          layout=("ldm.epochs", "ldm.max_steps"), derived=(("short_ldm_budget", short_ldm_budget),),
+          headline=("psnr", "codebook_usage")),
     Stage("clip", ("clip", "data", "seed"), ("shards",), _clip, by_content=True, headline=("retrieval_top1",)),
     # The UNet's downsampling decides the buckets' sizes (`ldm.preset`, resolved after the vq stage).
     Stage("encode", ("encode", "data", "ldm.preset"), ("shards", "vq", "clip"), _encode,
@@ -174,6 +179,8 @@ def config_key(cfg: PipelineConfig, stage: Stage) -> str:
     its derived values)."""
     parts = []
     for path in stage.reads:
+        if path in stage.layout:  # a field read only through a derived value
+            continue
         value = config_value(cfg, path)
         if is_dataclass(value):
             left_out = {f[len(path) + 1:] for f in stage.layout if f.startswith(path + ".")}

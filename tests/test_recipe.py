@@ -91,6 +91,19 @@ def test_the_data_chooses_the_first_stage_and_says_why(size, samples, distinct, 
     assert VQModelConfig.of(cfg.vq).num_quantizers == VQ_PRESETS[preset]["num_quantizers"]
 
 
+@pytest.mark.parametrize("overrides, preset", [
+    (["ldm.epochs=24"], "plain"),                          # a short budget: its time goes to ldm steps
+    (["ldm.epochs=36"], "detailed"),                       # not short
+    ([], "detailed"),                                      # the budget the captions choose (72 here)
+    (["ldm.epochs=24", "data.image_size=64"], "detailed"),  # at 64 px the detail is worth its time
+    (["ldm.epochs=24", "ldm.max_steps=500"], "detailed"),  # steps set by hand: epochs do not count
+])
+def test_a_short_ldm_budget_gets_the_plain_first_stage_on_small_images(overrides, preset):
+    cfg, why = with_vq_preset(load_config(None, ["data.image_size=32", *overrides]), 3499, 3499)
+    assert cfg.vq.preset == preset and cfg.vq.num_quantizers == VQ_PRESETS[preset]["num_quantizers"]
+    assert ("ldm.epochs=24 is a short budget (< 36)" in why) == (overrides == ["ldm.epochs=24"]), why
+
+
 def test_a_first_stage_set_by_hand_is_kept_and_named():
     cfg, why = with_vq_preset(load_config(None, ["vq.preset=plain"]), 3499, 3499)
     assert cfg.vq.num_quantizers == 1 and "vq.preset=plain is set" in why

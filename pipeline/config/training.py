@@ -133,7 +133,8 @@ class VQConfig(VQLoss, VQArchitecture, FirstStageTraining):
     """The first stage's capacity, one of VQ_PRESETS ("plain", "detailed"), which sets the fields
     below left at null. "auto": chosen from the training set when the vq stage reads it
     (`pipeline.recipe.vq_preset`: "plain" for small images whose captions repeat, like the demo's,
-    "detailed" otherwise); the choice and its reason are printed and tagged `recipe.vq` on the run."""
+    or when `ldm.epochs` is set below 36 (a short budget goes to ldm steps), "detailed" otherwise);
+    the choice and its reason are printed and tagged `recipe.vq` on the run."""
     hidden_channels: int = 32
     channel_mult: Optional[list[int]] = None
     """null: the preset's."""
