@@ -117,10 +117,13 @@ def parse_space(cfg: PipelineConfig, plan_file: str, overrides: list[str]) -> di
 
 
 def shared_until(cfg: PipelineConfig, swept: list[str]) -> str | None:
-    """The last stage before the first one whose key holds a swept key: what runs once for all trials."""
+    """The last stage before the first one whose key holds a swept key: what runs once for all trials.
+    A swept field a stage reads only through a derived value (vq: whether `ldm.epochs` is a short
+    budget) does not end the sharing: a trial whose value moves that stage's key runs it itself."""
     last = None
     for stage in STAGES:
-        if any(key == read or key.startswith(read + ".") for key in swept for read in stage.reads):
+        if any(key == read or key.startswith(read + ".") for key in swept for read in stage.reads
+               if read not in stage.layout):
             return last
         if stage.name == "ldm":
             return last

@@ -133,3 +133,15 @@ def test_the_workflow_run_carries_each_stages_time_and_headline_figures_at_any_g
         "samples.seconds": 12.5, "samples.adherence_g5": 0.9, "samples.grid_adherence_g5": 0.75}
     vq = StageResult("vq", "k", Path("."), "cached", 0.1, {"psnr": 30.5, "model_version": 3})  # no codebook usage
     assert headline_metrics(STAGE_BY_NAME["vq"], vq) == {"vq.seconds": 0.1, "vq.psnr": 30.5}
+
+
+def test_a_sweep_over_the_ldm_budget_still_shares_the_first_stages():
+    """vq reads ldm.epochs only as whether the budget is short: sweeping it (or the steps) keeps the
+    vq, clip and encode stages shared by the trials; sweeping a field vq computes with does not."""
+    from pipeline.sweep import shared_until
+
+    demo = load_config(None, ["data.shards=/data/shards"])
+    assert shared_until(demo, ["ldm.epochs"]) == shared_until(demo, ["ldm.max_steps"]) == "encode"
+    assert shared_until(demo, ["ldm.lr"]) == "encode"
+    assert shared_until(demo, ["vq.codebook_size"]) is None
+    assert shared_until(demo, ["clip.lr"]) == "vq"
