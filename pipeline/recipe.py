@@ -101,21 +101,22 @@ def short_ldm_budget(cfg) -> bool:
             and 0 < cfg.ldm.epochs < SHORT_LDM_EPOCHS and not cfg.ldm.max_steps)
 
 
-def vq_preset(image_size: int, samples: int, distinct_captions: int, ldm_epochs: float = 0.0) -> tuple[str, str]:
+def vq_preset(image_size: int, samples: int, distinct_captions: int, short_epochs: float = 0.0) -> tuple[str, str]:
     """(the first stage's preset, why) for a training set: "plain" (one codebook, one width) for small
     images whose captions repeat, a few kinds of image shown many times (the demo: 60 captions over
     4,000 images learn to 30.6 dB with it, and "detailed" costs ~25% more of the stage's time), and
-    for small images when the ldm's budget is short (`ldm_epochs` set below SHORT_LDM_EPOCHS: the
-    detailed stage's extra minutes buy more as ldm steps); "detailed" (four codebooks, twice the
-    width at the latents) for the rest: real images, each with a caption of its own, lose their
-    detail in the plain one (22.2 against 25.3 dB on the quality benchmark's emoji)."""
+    when the ldm's budget is short (`short_epochs`: `ldm.epochs` where `short_ldm_budget` says it
+    is, else 0: the detailed stage's extra minutes buy more as ldm steps); "detailed" (four
+    codebooks, twice the width at the latents) for the rest: real images, each with a caption of
+    its own, lose their detail in the plain one (22.2 against 25.3 dB on the quality benchmark's
+    emoji)."""
     share = distinct_captions / max(1, samples)
     counts = f"{distinct_captions} distinct captions over {samples} samples ({share:.1%})"
     if share <= REPEATED_SHARE and image_size <= PLAIN_MAX_IMAGE_SIZE:
         return "plain", (f"{counts}: captions repeat (<= {REPEATED_SHARE:.0%}) at {image_size} px, a few kinds "
                          "of image")
-    if 0 < ldm_epochs < SHORT_LDM_EPOCHS and image_size <= PLAIN_MAX_IMAGE_SIZE:
-        return "plain", (f"{counts} at {image_size} px, but ldm.epochs={ldm_epochs:g} is a short budget "
+    if short_epochs:
+        return "plain", (f"{counts} at {image_size} px, but ldm.epochs={short_epochs:g} is a short budget "
                          f"(< {SHORT_LDM_EPOCHS:g}): the time goes to ldm steps")
     why = (f"at {image_size} px (> {PLAIN_MAX_IMAGE_SIZE})" if share <= REPEATED_SHARE
            else f"captions mostly their own (> {REPEATED_SHARE:.0%})")
