@@ -39,8 +39,14 @@ class Verdicts:
     """(N,) bool: the named image is among the five nearest."""
 
     def figures(self, prefix: str = "") -> dict:
-        return {f"{prefix}fidelity": float(self.correct.mean()), f"{prefix}fidelity_top5": float(self.top5.mean()),
-                f"{prefix}n": int(len(self.correct))}
+        """The shares right (named image nearest) and within the nearest five, the count, and the
+        fidelity's standard error over these captions (binomial, sqrt(p (1 - p) / n)): how far
+        another draw of as many captions could move it. Two runs' figures that differ by less than
+        about twice their errors combined are not told apart by this judge; the run-to-run spread
+        of training comes on top of it."""
+        p, n = float(self.correct.mean()), int(len(self.correct))
+        return {f"{prefix}fidelity": p, f"{prefix}fidelity_top5": float(self.top5.mean()), f"{prefix}n": n,
+                f"{prefix}fidelity_se": float(np.sqrt(p * (1 - p) / n))}
 
 
 class NearestImageJudge:

@@ -31,6 +31,17 @@ def test_judge_recognises_real_images_and_not_wrong_ones(gallery):
     assert judge.judge(blank, keys[:100]).figures()["fidelity"] <= 0.02
 
 
+def test_fidelity_comes_with_its_standard_error(gallery):
+    # Half of 400 images right: 0.5 +- sqrt(0.25 / 400) = 0.025; every one right: no spread.
+    emoji, images, judge = gallery
+    keys = [e.key for e in emoji]
+    shown = np.concatenate([images[:200], images[201:401]])
+    figures = judge.judge(shown, keys[:400]).figures()
+    assert figures["fidelity"] == 0.5 and figures["n"] == 400
+    assert figures["fidelity_se"] == pytest.approx(0.025)
+    assert judge.judge(images[:50], keys[:50]).figures()["fidelity_se"] == 0.0
+
+
 def test_judge_tells_skin_tones_apart(gallery):
     emoji, images, judge = gallery
     toned = [i for i, e in enumerate(emoji) if e.tone in E.SKIN_TONES.values()]
