@@ -84,13 +84,10 @@ more on real images (28.6 against 25.2 dB)."""
 
 SHORT_LDM_EPOCHS = 36.0
 """An ldm budget set below this many epochs is short: the first stage's time is better spent on ldm
-steps. Measured on the quality benchmark's emoji at 32 px, one afternoon: with `ldm.epochs=24` the
-plain first stage names the emoji at guidance 3 as often as the detailed one (0.050 against 0.053
-of 300; the judge 0.99 and 1.0 through them) in 90 s of vq against 227. So chosen, 24 epochs gave
-0.063 and 0.037 in 452 and 522 s where the code before the data-scaled budget gave 0.013 to 0.017
-in 531 to 648 s (README, "Quality on real images"). On 1,000 captions, one evening: 30 epochs
-0.082 and 0.084 in 576 and 540 s against the old code's 0.014 to 0.018 in 570 to 638 s (5.1x in
-0.93x the time); at 36 epochs and more the detailed one was measured (0.179 that evening, 0.31 at 72)."""
+steps. On the quality benchmark's emoji at 32 px, at 24 epochs the plain first stage names the emoji
+at guidance 3 as often as the detailed one (0.050 against 0.053) in 90 s of vq against 227; from 36
+epochs on the detailed one was measured. The runs, with the old code beside them: README, "Quality
+on real images"."""
 
 
 def short_ldm_budget(cfg) -> bool:
